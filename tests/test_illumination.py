@@ -1,0 +1,108 @@
+"""Illumination function vs a direct full-resolution CellProfiler recipe on a vignetted plate."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from helpers import cell_image, save
+from phenoprofiler_core.errors import ImageError
+from phenoprofiler_core.illumination import illumination_function, mean_image, robust_rescale
+
+SHAPE = (250, 250)
+
+
+def vignette(shape=SHAPE):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    cy, cx = shape[0] * 0.45, shape[1] * 0.55  # off-centre, as on real scopes
+    r2 = ((yy - cy) ** 2 + (xx - cx) ** 2) / (0.6 * shape[0]) ** 2
+    return 0.35 + 0.65 * np.exp(-r2)  # corners ~ 1/3 of the centre
+
+
+@pytest.fixture(scope="module")
+def plate(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vignetted")
+    v = vignette()
+    paths = []
+    for k in range(24):
+        flat = cell_image(SHAPE, n_cells=60, seed=k, dtype=np.float64, background=400.0, peak=2500.0)
+        paths.append(save(np.clip(flat * v, 0, 65535).astype(np.uint16), folder / f"site{k}.tif"))
+    return paths, v
+
+
+def direct_recipe(average, downsample=0.2, median_size=20, robust_quantile=0.02):
+    """CellProfiler's recipe written out at full resolution: median of size 20/0.2 = 100 px."""
+    smooth = ndimage.median_filter(average, size=int(round(median_size / downsample)), mode="nearest")
+    positive = smooth[smooth > 0]
+    robust_min = np.quantile(positive, robust_quantile)
+    return np.maximum(smooth, robust_min) / robust_min
+
+
+def test_matches_direct_full_resolution_recipe(plate):
+    paths, _ = plate
+    average = mean_image(paths)
+    ours = illumination_function(average)
+    direct = direct_recipe(average)
+    assert ours.shape == average.shape and ours.dtype == np.float32
+    assert ours.min() >= 1.0 and direct.min() >= 1.0
+    r = np.corrcoef(ours.ravel(), direct.ravel())[0, 1]
+    assert r > 0.99, r
+
+
+def test_function_tracks_the_vignetting(plate):
+    paths, v = plate
+    ours = illumination_function(mean_image(paths))
+    # the robust-minimum floor flattens the darkest 2 %, so not a perfect match
+    assert np.corrcoef(ours.ravel(), v.ravel())[0, 1] > 0.95
+
+
+def test_correction_flattens_vignetting(plate):
+    paths, v = plate
+    function = illumination_function(mean_image(paths))
+    images = np.stack([np.asarray(__import__("tifffile").imread(p), np.float64) for p in paths])
+
+    def centre_to_corner(stack):
+        # medians pick the background level, which is what vignetting modulates
+        c = np.median(stack[:, 100:150, 110:160])
+        corners = [stack[:, :30, :30], stack[:, :30, -30:], stack[:, -30:, :30], stack[:, -30:, -30:]]
+        return c / np.median(np.concatenate([k.ravel() for k in corners]))
+
+    before, after = centre_to_corner(images), centre_to_corner(images / function)
+    assert before > 1.8
+    assert abs(after - 1.0) < 0.15, (before, after)
+
+
+def test_robust_rescale_is_at_least_one():
+    f = robust_rescale(np.linspace(0, 10, 1000).reshape(10, 100))
+    assert f.min() == pytest.approx(1.0) and f.max() > 1
+
+
+def test_mixed_sizes_and_bit_depths_fail_naming_the_file(tmp_path):
+    a = save(cell_image((40, 40), seed=1), tmp_path / "a.tif")
+    b = save(cell_image((40, 48), seed=2), tmp_path / "b.tif")
+    with pytest.raises(ImageError, match="b.tif"):
+        mean_image([a, b])
+    c = save(cell_image((40, 40), seed=3, dtype=np.uint8), tmp_path / "c.tif")
+    with pytest.raises(ImageError, match=r"c\.tif.*uint8"):
+        mean_image([a, c])
+
+
+def test_corrupt_and_missing_images_fail_naming_the_file(tmp_path):
+    good = save(cell_image((40, 40)), tmp_path / "good.png")
+    truncated = tmp_path / "trunc.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    with pytest.raises(ImageError, match="trunc.png"):
+        mean_image([good, truncated])
+    bad_tiff = tmp_path / "bad.tif"
+    bad_tiff.write_bytes(b"II*\x00garbage")
+    with pytest.raises(ImageError, match="bad.tif"):
+        mean_image([bad_tiff])
+    with pytest.raises(ImageError, match="absent.png"):
+        mean_image([tmp_path / "absent.png"])
+
+
+def test_nan_image_fails(tmp_path):
+    image = np.ones((20, 20), np.float32)
+    image[3, 4] = np.nan
+    path = save(image, tmp_path / "nan.tif")
+    with pytest.raises(ImageError, match="nan.tif.*NaN"):
+        mean_image([path])
