@@ -1,0 +1,110 @@
+"""Tile assembly: shape, dtype, channel order, pixels that follow from the source, atomicity."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from skimage.transform import resize
+
+from helpers import cell_image, save
+from phenoprofiler_core.errors import ImageError
+from phenoprofiler_core.io import write_npy
+from phenoprofiler_core.tiles import as_float, assemble_tiles, load_tiles
+
+CHANNELS = ["DNA", "ER", "RNA"]
+
+
+def make_plate(folder, n_sites=5, shape=(64, 64), dtype=np.uint16):
+    rows = []
+    for s in range(n_sites):
+        row = {"Metadata_Plate": "P1", "Metadata_Well": f"A{s + 1:02d}", "Metadata_Site": 1, "Metadata_Treatment": "x",
+               "Metadata_TreatmentId": "x", "Metadata_pert_type": "trt", "Metadata_moa": ""}
+        for k, ch in enumerate(CHANNELS):
+            image = cell_image(shape, seed=10 * s + k, dtype=dtype, peak=1000.0 * (k + 1))
+            if ch == "DNA":
+                image[:8, :8] = np.iinfo(dtype).max  # a DNA-only mark, to check channel order
+            row[f"Path_{ch}"] = str(save(image, folder / f"s{s}_{ch}.tif"))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def read_site(row):
+    import tifffile
+    return np.stack([tifffile.imread(row[f"Path_{c}"]).astype(np.float32) for c in CHANNELS])
+
+
+def test_shape_dtype_and_channel_order(tmp_path):
+    manifest = make_plate(tmp_path / "img")
+    out = tmp_path / "tiles" / "P1.npy"
+    assemble_tiles(manifest, CHANNELS, out, size=32, dtype="float16", batch_size=2, progress=False)
+    tiles, sites = load_tiles(out)
+    assert tiles.shape == (5, 3, 32, 32) and tiles.dtype == np.float16
+    assert sites[["Metadata_Well"]].values.ravel().tolist() == manifest.Metadata_Well.tolist()
+    assert float(tiles.min()) >= 0.0 and float(tiles.max()) <= 1.0
+    # the DNA mark (top-left 8x8 of 64 -> 4x4 of 32) is saturated in channel 0 only
+    assert (tiles[:, 0, :3, :3] > 0.99).all()
+    assert not (tiles[:, 1, :3, :3] > 0.99).all()
+
+
+def test_pixels_follow_from_source_without_resize(tmp_path):
+    manifest = make_plate(tmp_path / "img")
+    illum = tmp_path / "illum"
+    yy, xx = np.mgrid[:64, :64]
+    for k, ch in enumerate(CHANNELS):
+        write_npy((1.0 + 0.01 * (k + 1) * (xx + yy) / 2).astype(np.float32), illum / f"{ch}.npy")
+    out = tmp_path / "P1.npy"
+    info = assemble_tiles(manifest, CHANNELS, out, illum_dir=illum, size=64, dtype="float32", progress=False)
+    tiles, _ = load_tiles(out)
+    low, high = np.array(info["low"]), np.array(info["high"])
+    functions = np.stack([np.load(illum / f"{c}.npy") for c in CHANNELS])
+    for i, row in manifest.iterrows():
+        corrected = read_site(row) / functions
+        expected = np.clip((corrected - low[:, None, None]) / (high - low)[:, None, None], 0, 1)
+        np.testing.assert_allclose(tiles[i], expected, atol=1e-5)
+    # the rescale range is the configured percentiles of the plate's corrected pixels
+    allpix = np.stack([read_site(r) / functions for _, r in manifest.iterrows()])
+    for c in range(3):
+        assert high[c] == pytest.approx(np.percentile(allpix[:, c], 99.9), rel=0.01)
+        assert low[c] == pytest.approx(np.percentile(allpix[:, c], 0.1), rel=0.01, abs=1.0)
+    assert json.loads((tmp_path / "P1.rescale.json").read_text())["channels"] == CHANNELS
+
+
+def test_resized_pixels_match_reference_resampling(tmp_path):
+    manifest = make_plate(tmp_path / "img", shape=(96, 96))
+    out = tmp_path / "P1.npy"
+    info = assemble_tiles(manifest, CHANNELS, out, size=48, dtype="float32", progress=False)
+    tiles, _ = load_tiles(out)
+    low, high = np.array(info["low"]), np.array(info["high"])
+    for i, row in manifest.iterrows():
+        ref = resize(read_site(row), (3, 48, 48), order=1, anti_aliasing=True, preserve_range=True)
+        ref = np.clip((ref - low[:, None, None]) / (high - low)[:, None, None], 0, 1)
+        assert np.corrcoef(ref.ravel(), tiles[i].ravel())[0, 1] > 0.98
+
+
+def test_uint8_storage_round_trips(tmp_path):
+    manifest = make_plate(tmp_path / "img")
+    assemble_tiles(manifest, CHANNELS, tmp_path / "a.npy", size=32, dtype="float32", progress=False)
+    assemble_tiles(manifest, CHANNELS, tmp_path / "b.npy", size=32, dtype="uint8", progress=False)
+    a, _ = load_tiles(tmp_path / "a.npy")
+    b, _ = load_tiles(tmp_path / "b.npy")
+    assert b.dtype == np.uint8
+    np.testing.assert_allclose(as_float(b), a, atol=1 / 255)
+
+
+def test_corrupt_image_mid_plate_leaves_no_output(tmp_path):
+    manifest = make_plate(tmp_path / "img")
+    bad = manifest.loc[3, "Path_RNA"]
+    with open(bad, "r+b") as handle:
+        handle.truncate(100)
+    out = tmp_path / "tiles" / "P1.npy"
+    with pytest.raises(ImageError, match="s3_RNA.tif"):
+        assemble_tiles(manifest, CHANNELS, out, size=32, batch_size=2, progress=False)
+    assert list((tmp_path / "tiles").iterdir()) == []  # no tile file, no scratch, no half index
+
+
+def test_wrong_size_within_plate_fails_naming_the_file(tmp_path):
+    manifest = make_plate(tmp_path / "img")
+    save(cell_image((64, 80)), tmp_path / "img" / "s2_ER.tif")
+    with pytest.raises(ImageError, match="s2_ER.tif"):
+        assemble_tiles(manifest, CHANNELS, tmp_path / "P1.npy", size=32, progress=False)
