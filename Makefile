@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`  (each sets up .venv first).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+CORES ?= 2
+# the venv's bin first, so Snakemake's shell: rules find the right python and `phenoprofiler`
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup demo test test-fast bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)  ## run the embedded real demo end to end -> results/demo/report.html
+	snakemake --cores $(CORES) --configfile config/demo.yaml
+	@echo "report: results/demo/"
+
+test: $(STAMP)  ## the whole test suite
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)  ## unit tests only (skips workflow runs and training)
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: $(STAMP)
+	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+lint: $(STAMP)
+	snakemake --lint --configfile config/demo.yaml
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,66 @@
+# Config validation and target building.  The config is checked against the JSON schema (with
+# defaults) before any job is planned, so a typo fails at once naming the key.
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(workflow.basedir).parent))  # the core package, also without `pip install`
+
+from phenoprofiler_core.config import validate_config
+from phenoprofiler_core.errors import PhenoProfilerError
+from phenoprofiler_core.manifest import list_plates
+
+if not config:
+    # No --configfile: run the embedded demo.  (A `configfile:` directive would be merged *under* a
+    # user's --configfile and leak demo keys into it, so the default is applied only when empty.)
+    with open(Path(workflow.basedir).parent / "config" / "demo.yaml") as _handle:
+        config.update(yaml.safe_load(_handle))
+
+try:
+    _validated = validate_config(config, source="config")
+except PhenoProfilerError as _error:
+    raise WorkflowError(str(_error)) from None
+config.clear()
+config.update(_validated)
+
+RESULTS = f"{config['results']}/{config['dataset']}"
+CHANNELS = list(config["channels"])
+try:
+    PLATES = list_plates(config)
+except PhenoProfilerError as _error:
+    raise WorkflowError(str(_error)) from None
+
+
+wildcard_constraints:
+    plate="[^/]+",
+
+
+def illum_input(wildcards):
+    """The plate's illumination folder, or nothing when correction is switched off."""
+    if config["illumination"]["activate"]:
+        return f"{RESULTS}/illum/{wildcards.plate}"
+    return []
+
+
+def write_config_snapshot():
+    """Write the validated config to RESULTS/config.yaml (only when it changed) and return its path.
+
+    CLI steps that need whole config sections (manifest, train) read this file; rules pass the
+    relevant sections as params too, so Snakemake reruns a step when *its* sections change.
+    """
+    path = Path(RESULTS) / "config.yaml"
+    text = yaml.safe_dump(config, sort_keys=True)
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(path)
+
+
+def all_targets():
+    """What `rule all` builds, from the config (grows as stages are switched on)."""
+    targets = [f"{RESULTS}/manifest.parquet"]
+    targets += expand(f"{RESULTS}/tiles/{{plate}}.npy", plate=PLATES)
+    if config["illumination"]["activate"]:
+        targets += expand(f"{RESULTS}/illum/{{plate}}", plate=PLATES)
+    return targets
