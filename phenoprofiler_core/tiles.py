@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .errors import DataError
+from .errors import DataError, ImageError
 from .illumination import check_image, load_functions
 from .io import NpyStreamWriter, read_image, write_json, write_parquet
 
@@ -51,56 +52,74 @@ def resize_stack(stack: np.ndarray, size: int) -> np.ndarray:
 
 def corrected_site(row, channels: list[str], functions: dict[str, np.ndarray] | None, shape=None, dtype=None) -> np.ndarray:
     """(C, H, W) float32 illumination-corrected pixels of one site (raw / function)."""
-    planes = []
-    for channel in channels:
-        path = row[f"Path_{channel}"]
-        image = read_image(path)
-        function = functions[channel] if functions else None
-        check_image(image, path, shape=function.shape if function is not None else shape, dtype=dtype)
-        shape, dtype = image.shape, image.dtype
-        plane = image.astype(np.float32)
-        if function is not None:
-            plane /= function
-        planes.append(plane)
-    return np.stack(planes)
+    first = read_image(row[f"Path_{channels[0]}"]).shape if shape is None else shape
+    out = np.empty((len(channels),) + tuple(first), np.float32)
+    for k, channel in enumerate(channels):
+        dtype = _read_plane(row[f"Path_{channel}"], functions[channel] if functions else None, first, dtype, out[k])
+    return out
 
 
-def plate_percentiles(scratch, lowest, highest, percentiles, batch_size) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel percentiles of every pixel of ``scratch`` (N, C, H, W), streamed via histograms."""
-    c = scratch.shape[1]
-    counts = np.zeros((c, HISTOGRAM_BINS), np.int64)
-    for start in range(0, scratch.shape[0], batch_size):
-        batch = np.asarray(scratch[start : start + batch_size])
-        for k in range(c):
-            if highest[k] > lowest[k]:
-                counts[k] += np.histogram(batch[:, k], bins=HISTOGRAM_BINS, range=(lowest[k], highest[k]))[0]
-    result = []
-    for q in percentiles:
-        values = np.empty(c, np.float32)
-        for k in range(c):
-            if not highest[k] > lowest[k]:
-                values[k] = lowest[k]
-                continue
-            cumulative = np.cumsum(counts[k])
+def _read_plane(path, function, shape, dtype, out=None) -> np.ndarray:
+    """Decode one image, check it against the plate, and divide by its illumination function."""
+    image = read_image(path)
+    check_image(image, path, shape=function.shape if function is not None else shape, dtype=dtype)
+    if out is None:
+        out = np.empty(image.shape, np.float32)
+    elif out.shape != image.shape:
+        raise ImageError(f"image {path} is {image.shape[1]}x{image.shape[0]} px; the other images of this plate are {out.shape[1]}x{out.shape[0]}")
+    if function is not None:
+        np.divide(image, function, out=out, dtype=np.float32)
+    else:
+        out[...] = image
+    return image.dtype
+
+
+class ChannelHistogram:
+    """Streaming per-channel histogram over a fixed range, for exact-to-a-bin plate percentiles."""
+
+    def __init__(self, channels: int, low: float, high: float, bins: int = HISTOGRAM_BINS) -> None:
+        self.low, self.high, self.bins = float(low), float(high), bins
+        self.counts = np.zeros((channels, bins), np.int64)
+
+    def add(self, batch: np.ndarray) -> None:
+        """Count the pixels of a (N, C, H, W) batch."""
+        scale = self.bins / (self.high - self.low)
+        for k in range(batch.shape[1]):
+            index = ((batch[:, k] - self.low) * scale).astype(np.int32).ravel()
+            np.clip(index, 0, self.bins - 1, out=index)
+            self.counts[k] += np.bincount(index, minlength=self.bins)
+
+    def percentiles(self, q: float) -> np.ndarray:
+        """Per-channel q-th percentile, interpolated linearly inside the bin that holds it."""
+        width = (self.high - self.low) / self.bins
+        values = np.empty(len(self.counts), np.float32)
+        for k, counts in enumerate(self.counts):
+            cumulative = np.cumsum(counts)
             rank = q / 100 * (cumulative[-1] - 1)
             b = int(np.searchsorted(cumulative, rank, side="right"))
             before = cumulative[b - 1] if b > 0 else 0
-            width = (highest[k] - lowest[k]) / HISTOGRAM_BINS
-            # linear position inside the bin holding the rank
-            fraction = (rank - before + 0.5) / max(counts[k][b], 1)
-            values[k] = lowest[k] + (b + min(max(fraction, 0.0), 1.0)) * width
-        result.append(values)
-    return result[0], result[1]
+            fraction = min(max((rank - before + 0.5) / max(counts[b], 1), 0.0), 1.0)
+            values[k] = self.low + (b + fraction) * width
+        return values
+
+
+def _value_range(dtype: np.dtype, functions) -> tuple[float, float] | None:
+    """Range of corrected pixels known in advance: [0, dtype max] for integer images (function ≥ 1)."""
+    if np.dtype(dtype).kind in "ui":
+        return 0.0, float(np.iinfo(dtype).max) + 1.0
+    return None
 
 
 def rescale(tiles: np.ndarray, low: np.ndarray, high: np.ndarray, dtype: str) -> np.ndarray:
     """Map [low, high] per channel to [0, 1] (clipped), then to the storage dtype."""
     span = np.where(high > low, high - low, 1.0).astype(np.float32)
-    scaled = np.clip((tiles - low[None, :, None, None]) / span[None, :, None, None], 0.0, 1.0)
+    x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
+    lo = torch.from_numpy(low.astype(np.float32))[None, :, None, None]
+    scaled = ((x - lo) / torch.from_numpy(span)[None, :, None, None]).clamp_(0.0, 1.0)
     scale = DTYPE_SCALE[dtype]
     if scale is not None:
-        return np.round(scaled * scale).astype(dtype)
-    return scaled.astype(dtype)
+        return scaled.mul_(scale).round_().numpy().astype(dtype)
+    return scaled.numpy().astype(dtype)
 
 
 def assemble_tiles(
@@ -113,6 +132,7 @@ def assemble_tiles(
     dtype: str = "float16",
     percentiles: tuple[float, float] = (0.1, 99.9),
     batch_size: int = 8,
+    workers: int = 2,
     progress: bool = True,
 ) -> dict:
     """Write ``out_npy`` (+ ``.sites.parquet``, ``.rescale.json``) for the sites in ``manifest``."""
@@ -126,28 +146,56 @@ def assemble_tiles(
     n, c = len(manifest), len(channels)
     out_npy.parent.mkdir(parents=True, exist_ok=True)
     scratch_path = out_npy.with_name(f".{stem}.scratch.npy")
-    lowest = np.full(c, np.inf, np.float32)
-    highest = np.full(c, -np.inf, np.float32)
     try:
         scratch = np.lib.format.open_memmap(scratch_path, mode="w+", dtype=np.float32, shape=(n, c, size, size))
-        shape = dtype_in = None
-        rows = list(manifest.itertuples(index=False))
+        rows = manifest.to_dict("records")
+        # the plate's image size and bit depth: from the illumination functions, else the first image
+        first = read_image(rows[0][f"Path_{channels[0]}"])
+        shape = next(iter(functions.values())).shape if functions else first.shape
+        dtype_in = first.dtype
+        # two reusable batch buffers (no per-site allocations; page faults dominated otherwise):
+        # threads decode batch k+1 into one while the main thread resizes batch k from the other.
+        buffers = [np.empty((min(batch_size, n), c) + tuple(shape), np.float32) for _ in range(2)]
+        known = _value_range(dtype_in, functions)
+        # integer images: histogram during the decode pass; float images: after it, once min/max are known
+        histogram = ChannelHistogram(c, *known) if known else None
+        lowest = np.full(c, np.inf, np.float32)
+        highest = np.full(c, -np.inf, np.float32)
+        starts = list(range(0, n, batch_size))
         bar = tqdm(total=n, desc=f"tiles {stem}", unit="site", disable=not progress)
-        for start in range(0, n, batch_size):
-            batch_rows = rows[start : start + batch_size]
-            batch = []
-            for row in batch_rows:
-                site = corrected_site(row._asdict(), channels, functions, shape, dtype_in)
-                shape = site.shape[1:]
-                batch.append(site)
-                bar.update()
-            resized = resize_stack(np.stack(batch), size)
-            scratch[start : start + len(batch)] = resized
-            lowest = np.minimum(lowest, resized.min(axis=(0, 2, 3)))
-            highest = np.maximum(highest, resized.max(axis=(0, 2, 3)))
+
+        def submit(pool, b):
+            batch_rows = rows[starts[b] : starts[b] + batch_size]
+            buffer = buffers[b % 2]
+            # PIL/tifffile decoding and numpy division release the GIL, so threads overlap them
+            return [
+                pool.submit(_read_plane, row[f"Path_{ch}"], functions[ch] if functions else None, shape, dtype_in, buffer[i, k])
+                for i, row in enumerate(batch_rows)
+                for k, ch in enumerate(channels)
+            ]
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending = submit(pool, 0)
+            for b, start in enumerate(starts):
+                for future in pending:
+                    future.result()  # re-raises a decode error naming the file
+                count = min(batch_size, n - start)
+                pending = submit(pool, b + 1) if b + 1 < len(starts) else []
+                bar.update(count)
+                resized = resize_stack(buffers[b % 2][:count], size)
+                scratch[start : start + count] = resized
+                if histogram is not None:
+                    histogram.add(resized)
+                else:
+                    lowest = np.minimum(lowest, resized.min(axis=(0, 2, 3)))
+                    highest = np.maximum(highest, resized.max(axis=(0, 2, 3)))
         bar.close()
         scratch.flush()
-        low, high = plate_percentiles(scratch, lowest, highest, percentiles, batch_size)
+        if histogram is None:
+            histogram = ChannelHistogram(c, float(lowest.min()), float(max(highest.max(), lowest.min() + 1e-6)))
+            for start in range(0, n, batch_size):
+                histogram.add(np.asarray(scratch[start : start + batch_size]))
+        low, high = histogram.percentiles(percentiles[0]), histogram.percentiles(percentiles[1])
         for channel, lo, hi in zip(channels, low, high):
             if hi <= lo:
                 log.warning("channel %s is constant over the plate (%.4g); its tiles are all 0", channel, lo)
