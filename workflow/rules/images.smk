@@ -15,6 +15,8 @@ rule manifest:
     benchmark:
         f"{RESULTS}/benchmarks/manifest/manifest.tsv"
     threads: 1
+    conda:
+        "../../envs/images.yaml"
     resources:
         mem_mb=2000,
         runtime=20,
@@ -36,6 +38,8 @@ rule illumination:
     benchmark:
         f"{RESULTS}/benchmarks/illumination/{{plate}}.tsv"
     threads: 1
+    conda:
+        "../../envs/images.yaml"
     resources:
         mem_mb=4000,
         runtime=60,
@@ -64,6 +68,8 @@ rule tiles:
     benchmark:
         f"{RESULTS}/benchmarks/tiles/{{plate}}.tsv"
     threads: 1
+    conda:
+        "../../envs/images.yaml"
     resources:
         mem_mb=4000,
         runtime=120,
