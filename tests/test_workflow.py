@@ -1,0 +1,73 @@
+"""The real demo through Snakemake, as a user runs it (slow: a few minutes on 2 cores)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+BIN = str(Path(sys.executable).parent)
+
+
+def snakemake(repo_root, *args, check=True):
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+    result = subprocess.run(
+        [f"{BIN}/snakemake", "--cores", "2", *args], cwd=repo_root, env=env, capture_output=True, text=True
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo(repo_root, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    snakemake(repo_root, "--configfile", "config/demo.yaml", "--config", f"results={results}")
+    return results / "demo"
+
+
+def test_demo_manifest(demo):
+    manifest = pd.read_parquet(demo / "manifest.parquet")
+    assert len(manifest) == 60 and manifest.Metadata_Plate.nunique() == 5
+
+
+def test_demo_tiles(demo):
+    for plate in ("SQ00015198", "SQ00015233"):
+        tiles = np.load(demo / "tiles" / f"{plate}.npy", mmap_mode="r")
+        sites = pd.read_parquet(demo / "tiles" / f"{plate}.sites.parquet")
+        assert tiles.shape == (12, 5, 448, 448) and tiles.dtype == np.float16
+        assert len(sites) == 12 and set(sites.Metadata_Plate) == {plate}
+        assert 0.0 <= float(tiles.min()) and float(tiles.max()) <= 1.0
+        info = json.loads((demo / "tiles" / f"{plate}.rescale.json").read_text())
+        assert info["channels"] == ["DNA", "ER", "RNA", "AGP", "Mito"] and info["illumination"]
+
+
+def test_demo_illumination(demo):
+    for channel in ("DNA", "Mito"):
+        function = np.load(demo / "illum" / "SQ00015198" / f"{channel}.npy")
+        assert function.shape == (480, 480) and function.min() >= 1.0
+    assert (demo / "illum" / "SQ00015198" / "qc.png").stat().st_size > 1000
+
+
+def test_every_job_left_a_log_and_benchmark(demo):
+    assert len(list((demo / "benchmarks").rglob("*.tsv"))) >= 11
+    assert (demo / "logs" / "tiles" / "SQ00015198.log").is_file()
+
+
+def test_config_typo_fails_before_any_job(repo_root, tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text((repo_root / "config" / "demo.yaml").read_text().replace("  size: 448", "  sise: 448"))
+    result = snakemake(repo_root, "-n", "--configfile", str(bad), "--config", f"results={tmp_path}", check=False)
+    assert result.returncode != 0
+    assert "tiles.sise" in result.stderr + result.stdout
+    assert not (tmp_path / "demo").exists()
+
+
+def test_lint_is_clean(repo_root):
+    result = snakemake(repo_root, "--lint", check=False)
+    assert "Congratulations" in result.stdout + result.stderr, result.stdout + result.stderr
