@@ -63,4 +63,7 @@ def all_targets():
     targets += expand(f"{RESULTS}/tiles/{{plate}}.npy", plate=PLATES)
     if config["illumination"]["activate"]:
         targets += expand(f"{RESULTS}/illum/{{plate}}", plate=PLATES)
+    if config["cells"]["activate"]:
+        targets += expand(f"{RESULTS}/cells/{{plate}}.npy", plate=PLATES)
+    targets += expand(f"{RESULTS}/features/classic/{{plate}}.parquet", plate=PLATES)
     return targets

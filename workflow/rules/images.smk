@@ -2,8 +2,6 @@
 
 
 rule manifest:
-    input:
-        config_schema=workflow.source_path("../schemas/config.schema.yaml"),
     output:
         f"{RESULTS}/manifest.parquet",
     params:
