@@ -11,11 +11,21 @@ from phenoprofiler_core.config import validate_config
 from phenoprofiler_core.errors import PhenoProfilerError
 from phenoprofiler_core.manifest import list_plates
 
-if not config:
-    # No --configfile: run the embedded demo.  (A `configfile:` directive would be merged *under* a
-    # user's --configfile and leak demo keys into it, so the default is applied only when empty.)
+def _merged(base, override):
+    """``override`` on top of ``base``, recursively (how --config overrides a config file)."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+if not workflow.configfiles:
+    # No --configfile: run the embedded demo (with any --config overrides on top).  A `configfile:`
+    # directive would be merged *under* a user's --configfile and leak demo keys into it.
     with open(Path(workflow.basedir).parent / "config" / "demo.yaml") as _handle:
-        config.update(yaml.safe_load(_handle))
+        _demo = _merged(yaml.safe_load(_handle), config)
+    config.clear()
+    config.update(_demo)
 
 try:
     _validated = validate_config(config, source="config")
