@@ -1,5 +1,6 @@
 # Config validation and target building.  The config is checked against the JSON schema (with
 # defaults) before any job is planned, so a typo fails at once naming the key.
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +45,17 @@ except PhenoProfilerError as _error:
 
 wildcard_constraints:
     plate="[^/]+",
+    set="[^/]+",
+
+
+def feature_sets():
+    """Feature sets to profile, evaluate and compare in the report, from the config."""
+    sets = ["classic"]
+    return sets
+
+
+FEATURE_SETS = feature_sets()
+EVAL_TABLES = ["map_activity", "map_consistency", "foe_map_recall"]
 
 
 def illum_input(wildcards):
@@ -76,4 +88,43 @@ def all_targets():
     if config["cells"]["activate"]:
         targets += expand(f"{RESULTS}/cells/{{plate}}.npy", plate=PLATES)
     targets += expand(f"{RESULTS}/features/classic/{{plate}}.parquet", plate=PLATES)
+    targets.append(f"{RESULTS}/eval/summary.parquet")
+    targets.append(f"{RESULTS}/report.html")
     return targets
+
+
+def profiles_correction_alpha(wildcards):
+    """alpha of the phenotype correction for this set: 0 when off or for hand-crafted sets."""
+    settings = config["profiles"]
+    if settings["correction"] and wildcards.set not in settings["correction_exclude"]:
+        return settings["correction_alpha"]
+    return 0.0
+
+
+def evaluate_same_wells_input(wildcards):
+    """Every set's selected profiles when sets must be compared on the wells they all have."""
+    if config["evaluate"]["same_wells"]:
+        return expand(f"{RESULTS}/profiles/{{s}}/selected.parquet", s=FEATURE_SETS)
+    return []
+
+
+def evaluate_same_wells_arg(wildcards):
+    if config["evaluate"]["same_wells"]:
+        return "--same-wells-as " + " ".join(f"{RESULTS}/profiles/{s}" for s in FEATURE_SETS)
+    return ""
+
+
+def report_inputs(wildcards):
+    """What the report summarises; QC inputs are listed so a changed plate re-renders the page."""
+    inputs = {
+        "manifest": f"{RESULTS}/manifest.parquet",
+        "summary": f"{RESULTS}/eval/summary.parquet",
+        "activity": expand(f"{RESULTS}/eval/{{set}}/map_activity.parquet", set=FEATURE_SETS),
+        "profiles": expand(f"{RESULTS}/profiles/{{set}}/normalized.parquet", set=FEATURE_SETS),
+        "tiles": expand(f"{RESULTS}/tiles/{{plate}}.npy", plate=PLATES),
+    }
+    if config["illumination"]["activate"]:
+        inputs["illum"] = expand(f"{RESULTS}/illum/{{plate}}", plate=PLATES)
+    if "classic" in FEATURE_SETS:
+        inputs["counts"] = expand(f"{RESULTS}/features/classic/{{plate}}.parquet", plate=PLATES)
+    return inputs

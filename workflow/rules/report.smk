@@ -6,22 +6,6 @@
 # the job, so listing them would only add ordering without adding information.
 
 
-def report_inputs(wildcards):
-    """What the report summarises; QC inputs are listed so a changed plate re-renders the page."""
-    inputs = {
-        "manifest": f"{RESULTS}/manifest.parquet",
-        "summary": f"{RESULTS}/eval/summary.parquet",
-        "activity": expand(f"{RESULTS}/eval/{{set}}/map_activity.parquet", set=FEATURE_SETS),
-        "profiles": expand(f"{RESULTS}/profiles/{{set}}/normalized.parquet", set=FEATURE_SETS),
-        "tiles": expand(f"{RESULTS}/tiles/{{plate}}.npy", plate=PLATES),
-    }
-    if config["illumination"]["activate"]:
-        inputs["illum"] = expand(f"{RESULTS}/illum/{{plate}}", plate=PLATES)
-    if "classic" in FEATURE_SETS:
-        inputs["counts"] = expand(f"{RESULTS}/features/classic/{{plate}}.parquet", plate=PLATES)
-    return inputs
-
-
 rule report:
     input:
         unpack(report_inputs),
@@ -32,10 +16,9 @@ rule report:
             category="Benchmark report",
         ),
     params:
-        results_dir=RESULTS,
+        results_dir=lambda wildcards, output: os.path.dirname(output[0]),
         sets=FEATURE_SETS,
-        # empty = the default title naming the dataset (the CLI treats "" as not given)
-        title=config["report"]["title"] or "",
+        title=config["report"]["title"] or f"PhenoProfiler benchmark: {config['dataset']}",
         umap_neighbors=config["report"]["umap_neighbors"],
         umap_min_dist=config["report"]["umap_min_dist"],
         umap_min_wells=config["report"]["umap_min_wells"],

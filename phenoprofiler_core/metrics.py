@@ -1,0 +1,463 @@
+"""Retrieval metrics on treatment profiles (DESIGN.md §6): pure functions over arrays.
+
+Everything here takes a similarity matrix ``S`` (N × N, cosine between treatment profiles) and a
+boolean MoA-match matrix ``M`` (``M[i, j]`` = treatments i and j share at least one MoA label) and
+returns per-query numbers; :mod:`phenoprofiler_core.evaluate` turns them into files.
+
+Two implementations are kept side by side on purpose:
+
+* :func:`retrieval_metrics` — the one the pipeline uses: one ``argsort`` per block of query rows,
+  then cumulative sums and gathers, no Python loop over queries.
+* ``*_reference`` functions — a plain loop over queries that calls the same library routines the
+  published code calls (``scipy.stats.fisher_exact``, scikit-learn's ``average_precision_score`` and
+  ``precision_recall_curve``).  They are slow and obviously correct; tests and
+  ``bench/bench_metrics.py`` check that both agree.
+
+Published behaviours reproduced on purpose (so numbers are comparable with the papers):
+
+* FoE: an infinite sample odds ratio is replaced by the count of (sim ≤ t, other MoA) — the quirk in
+  PhenoProfiler's ``enrichment_analysis``; a NaN odds ratio (a margin of the table is empty) stays NaN
+  as scipy returns it and is left out of the mean.
+* ``map_interpolated``: DeepProfilerExperiments ``profiling/metrics.py``
+  ``interpolated_precision_recall_curve`` with its one-step-lagged walk over the recall grid; queries
+  need ≥ 2 other same-MoA treatments.  The curve is scikit-learn's current
+  ``precision_recall_curve`` (full curve down to the lowest threshold; older scikit-learn releases
+  stopped it at full recall, which changes only the first two grid points).
+* ``map_ap``: mean of ``average_precision_score(M[i], S[i])`` with self set to (False, −1).
+* Recall@k%: ``n = max(int(N·k/100), 1)`` hits after self, divided by the row sum of M *including*
+  self.  Ties in similarity at the cut-off are broken by column order (a stable sort); the published
+  code used numpy's default unstable sort, so only exact ties can differ.
+
+Similarities are clipped to [−1, 1] first (cosine can leave the range by a rounding error), which
+also makes the self entry (−1) the minimum of its row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.stats import hypergeom
+
+DEFAULT_RECALL_PERCENTS = (1, 3, 5, 10)
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def split_moa(moa: str | None, sep: str = "|") -> frozenset[str]:
+    """Labels of one MoA string ('a|b' -> {'a', 'b'}); empty/None -> no label."""
+    if moa is None or (isinstance(moa, float) and np.isnan(moa)):
+        return frozenset()
+    return frozenset(label.strip() for label in str(moa).split(sep) if label.strip())
+
+
+def moa_match_matrix(moas: Sequence[str], sep: str = "|") -> np.ndarray:
+    """``M[i, j]`` is True when treatments i and j share ANY single MoA label.
+
+    Multi-label strings are split on ``sep`` first: matching whole strings (the seed code's bug)
+    would call 'a|b' and 'a' different MoAs.  A treatment without labels matches nothing, not even
+    itself.
+    """
+    label_sets = [split_moa(m, sep) for m in moas]
+    vocabulary = sorted(set().union(*label_sets)) if label_sets else []
+    column = {label: k for k, label in enumerate(vocabulary)}
+    indicator = np.zeros((len(label_sets), max(len(vocabulary), 1)), dtype=np.float32)
+    for i, labels in enumerate(label_sets):
+        for label in labels:
+            indicator[i, column[label]] = 1.0
+    return (indicator @ indicator.T) > 0
+
+
+def cosine_similarity_matrix(profiles: np.ndarray) -> np.ndarray:
+    """Cosine similarity between rows (float64); a zero row has similarity 0 to everything."""
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    return cosine_similarity(np.asarray(profiles, dtype=np.float64))
+
+
+def _validated(similarity: np.ndarray, moa_match: np.ndarray, clip: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    S = np.asarray(similarity, dtype=np.float64)
+    M = np.asarray(moa_match, dtype=bool)
+    if S.ndim != 2 or S.shape[0] != S.shape[1]:
+        raise ValueError(f"similarity matrix must be square, got shape {S.shape}")
+    if M.shape != S.shape:
+        raise ValueError(f"MoA match matrix shape {M.shape} differs from similarity shape {S.shape}")
+    if S.shape[0] < 2:
+        raise ValueError("need at least 2 treatments")
+    if not np.isfinite(S).all():
+        raise ValueError("similarity matrix has NaN or infinite values")
+    if clip and (S.min() < -1.0 or S.max() > 1.0):  # copy only when a rounding error left the range
+        S = np.clip(S, -1.0, 1.0)
+    return S, M
+
+
+# ----------------------------------------------------------------------------- Fisher test
+
+
+def fisher_greater(v11, v12, v21, v22) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorised one-sided (greater) Fisher exact test on 2×2 tables [[v11, v12], [v21, v22]].
+
+    Same conventions as ``scipy.stats.fisher_exact(table, alternative="greater")``: sample odds
+    ratio v11·v22 / (v12·v21), ``inf`` when the denominator is 0, and (NaN, 1.0) when a row or column
+    of the table sums to 0.  The p-value is the hypergeometric tail scipy uses.
+    """
+    v11, v12, v21, v22 = (np.asarray(v, dtype=np.int64) for v in (v11, v12, v21, v22))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        odds = np.where((v21 > 0) & (v12 > 0), (v11 * v22) / (v21 * v12), np.inf)
+    n1 = v11 + v12
+    n2 = v21 + v22
+    p = hypergeom.cdf(v12, n1 + n2, n1, v12 + v22)
+    p = np.minimum(np.asarray(p, dtype=np.float64), 1.0)
+    empty = (n1 == 0) | (n2 == 0) | (v11 + v21 == 0) | (v12 + v22 == 0)
+    odds = np.where(empty, np.nan, odds).astype(np.float64)
+    p = np.where(empty, 1.0, p)
+    return odds, p
+
+
+def published_odds_ratio(odds: np.ndarray, v22: np.ndarray) -> np.ndarray:
+    """FoE quirk of the published code: an infinite odds ratio is replaced by v22."""
+    odds = np.asarray(odds, dtype=np.float64)
+    return np.where(np.isinf(odds), np.asarray(v22, dtype=np.float64), odds)
+
+
+def holm_sidak_reject(p_values: np.ndarray, alpha: float = 0.05) -> np.ndarray:
+    """Which p-values stay significant after Holm–Šidak step-down correction."""
+    from statsmodels.stats.multitest import multipletests
+
+    p_values = np.asarray(p_values, dtype=np.float64)
+    if p_values.size == 0:
+        return np.zeros(0, dtype=bool)
+    with np.errstate(divide="ignore"):  # p = 0 makes statsmodels take log(0); the result is right
+        reject, _, _, _ = multipletests(p_values, alpha=alpha, method="holm-sidak")
+    return reject
+
+
+# ----------------------------------------------------------------------------- vectorised
+
+
+@dataclass
+class RetrievalResult:
+    """Per-query results of :func:`retrieval_metrics` (arrays of length N, NaN where not a query)."""
+
+    n_positives: np.ndarray  # other treatments sharing a MoA label
+    foe_v: np.ndarray  # (N, 4) table v11, v12, v21, v22 at the top-percentile threshold
+    foe_threshold: np.ndarray
+    foe_odds_ratio: np.ndarray  # sample odds ratio as scipy returns it (inf / NaN possible)
+    foe_p_value: np.ndarray
+    average_precision: np.ndarray  # map_ap per query
+    interpolated_precision: np.ndarray  # map_interpolated per query (mean of its lagged curve)
+    recall: dict[int, np.ndarray]  # percent -> recall per query
+
+
+def _ragged_suffix_max_exclusive(values: np.ndarray, row: np.ndarray, position: np.ndarray, n_rows: int) -> np.ndarray:
+    """For entries grouped by ``row`` (``position`` = index within the row), max over later entries."""
+    width = int(position.max()) + 2 if position.size else 1
+    padded = np.full((n_rows, width), -np.inf)
+    padded[row, position] = values
+    suffix = np.maximum.accumulate(padded[:, ::-1], axis=1)[:, ::-1]
+    return suffix[row, position + 1]
+
+
+def _block_metrics(S_block, M_block, rows, n_total, percentile, recall_percents, lin):
+    """All metrics for query rows ``rows`` (S_block/M_block are those rows, self already blanked).
+
+    Only the similarity VALUES are sorted (no argsort, no gathers): everything a threshold curve
+    needs about a positive is how many items score >= / > it, found by binary search in its sorted
+    row, and how many positives score >= it.  Ties therefore behave exactly like scikit-learn's
+    threshold curves, whatever order a sort would put them in.
+    """
+    C, N = S_block.shape
+    positives = M_block.sum(axis=1)
+    vals = np.sort(S_block, axis=1)  # ascending; self (-1) is a row minimum
+    # The similarities to the OTHER treatments: the sorted row minus one -1 (self or an equal value).
+    others = vals[:, 1:]
+
+    prow, pcol = np.nonzero(M_block)
+    svals = S_block[prow, pcol]
+    o = np.lexsort((-svals, prow))  # within each row, best-scored positive first
+    prow, svals = prow[o], svals[o]
+    row_start = np.concatenate([[0], np.cumsum(positives)[:-1]]).astype(np.int64)
+    ppos = np.arange(prow.size) - row_start[prow]
+    n_ge = np.empty(prow.size)
+    n_gt = np.empty(prow.size)
+    for r in np.nonzero(positives)[0]:
+        seg = slice(row_start[r], row_start[r] + positives[r])
+        n_ge[seg] = N - np.searchsorted(vals[r], svals[seg], side="left")
+        n_gt[seg] = N - np.searchsorted(vals[r], svals[seg], side="right")
+    # positives scored >= this one (tp at its threshold): end of its run of equal scores.
+    same_as_next = np.zeros(prow.size, dtype=bool)
+    same_as_next[:-1] = (prow[1:] == prow[:-1]) & (svals[1:] == svals[:-1])
+    run_end = np.where(same_as_next, prow.size, np.arange(prow.size))
+    run_end = np.minimum.accumulate(run_end[::-1])[::-1] if prow.size else run_end
+    level = (run_end - row_start[prow] + 1).astype(np.float64)
+
+    # --- map_ap: sklearn's step integral = mean over positives of precision at their threshold.
+    precision_hit = level / n_ge
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = np.bincount(prow, weights=precision_hit, minlength=C) / positives
+    ap = np.where(positives >= 1, ap, np.nan)
+
+    # --- map_interpolated (DeepProfilerExperiments walk).  Curve points are score groups; the value
+    # stored at grid point g >= 1 is the running max of precision from the lowest threshold up to the
+    # first point whose recall is <= grid[g-1].  That point is the lowest-threshold point of the
+    # largest reached tp level T with T/P <= grid[g-1], so the value is
+    #   max(best hit precision of any higher level, precision of that first point of level T),
+    # and the first point of level T has as many items as score above the next positive.
+    # Grid point 0 gets the precision at the lowest threshold, P/N.
+    P = positives.astype(np.float64)
+    interp_sum = np.zeros(C)
+    if prow.size:
+        is_last = np.ones(prow.size, dtype=bool)
+        is_last[:-1] = prow[1:] != prow[:-1]
+        nxt = np.minimum(np.arange(prow.size) + 1, prow.size - 1)
+        n_gt_next = np.where(is_last, float(N), n_gt[nxt])
+        level_next = np.where(is_last, np.inf, level[nxt])
+        best_higher = np.maximum(_ragged_suffix_max_exclusive(precision_hit, prow, ppos, C), 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            first_point = np.where(n_gt_next > 0, level / n_gt_next, 0.0)
+            p_row = P[prow]
+            # Grid indices h in [1, N-1] (grid[g-1] = lin[N-g]) whose value is in [T/P, T_next/P).
+            lo = np.clip(np.searchsorted(lin, level / p_row, side="left"), 1, n_total)
+            hi = np.clip(np.searchsorted(lin, level_next / p_row, side="left"), 1, n_total)
+        weight = (hi - lo).astype(np.float64)
+        contribution = np.where(weight > 0, weight * np.maximum(best_higher, first_point), 0.0)
+        interp_sum += np.bincount(prow, weights=contribution, minlength=C)
+        # Level 0 (recall 0): the curve's appended point (precision 1) is its first point unless some
+        # negatives outrank every positive (then a real point with precision 0 comes first).
+        is_first = ppos == 0
+        f_rows = prow[is_first]
+        level0_first = np.where(n_gt[is_first] == 0, 1.0, 0.0)
+        best_all = np.zeros(C)
+        np.maximum.at(best_all, prow, precision_hit)
+        hi0 = np.clip(np.searchsorted(lin, level[is_first] / P[f_rows], side="left"), 1, n_total)
+        weight0 = (hi0 - 1).astype(np.float64)
+        interp_sum[f_rows] += np.where(weight0 > 0, weight0 * np.maximum(best_all[f_rows], level0_first), 0.0)
+    interp = (interp_sum + P / N) / n_total
+    interp = np.where(positives >= 2, interp, np.nan)
+
+    # --- FoE at the top (100 - percentile)%: threshold from the similarities to the other treatments.
+    threshold = np.percentile(others, percentile, axis=1)
+    above = (others > threshold[:, None]).sum(axis=1)
+    v11 = np.bincount(prow, weights=svals > threshold[prow], minlength=C).astype(np.int64)
+    v12 = above - v11
+    v21 = positives - v11
+    v22 = (N - 1) - v11 - v12 - v21
+    odds, pval = fisher_greater(v11, v12, v21, v22)
+
+    # --- Recall@k%: hits among the n best other treatments; ties at the cut-off by column order.
+    recalls = {}
+    for percent in recall_percents:
+        n = min(max(int(n_total * percent / 100), 1), N - 1)
+        cut = others[:, (N - 1) - n]  # n-th largest similarity to another treatment
+        n_greater = (others > cut[:, None]).sum(axis=1)
+        n_equal = (others == cut[:, None]).sum(axis=1)
+        hits = np.bincount(prow, weights=svals > cut[prow], minlength=C)
+        ties_pos = np.bincount(prow, weights=svals == cut[prow], minlength=C)
+        need = n - n_greater
+        hits = hits + np.where(n_equal == need, ties_pos, 0.0)
+        for r in np.nonzero((n_equal > need) & (positives >= 1))[0]:
+            # Only rows with a tie straddling the cut-off: take the first `need` by column.
+            row_s = S_block[r].copy()
+            row_s[rows[r]] = np.nan  # self is not a candidate
+            tied = np.nonzero(row_s == cut[r])[0][: need[r]]
+            hits[r] += M_block[r, tied].sum()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recalls[percent] = np.where(positives >= 1, hits / (positives + 1), np.nan)
+
+    foe_v = np.stack([v11, v12, v21, v22], axis=1)
+    is_query = positives >= 1
+    return dict(
+        n_positives=positives,
+        foe_v=np.where(is_query[:, None], foe_v, -1),
+        foe_threshold=np.where(is_query, threshold, np.nan),
+        foe_odds_ratio=np.where(is_query, odds, np.nan),
+        foe_p_value=np.where(is_query, pval, np.nan),
+        average_precision=ap,
+        interpolated_precision=interp,
+        recall=recalls,
+    )
+
+
+def retrieval_metrics(
+    similarity: np.ndarray,
+    moa_match: np.ndarray,
+    *,
+    percentile: float = 99.0,
+    recall_percents: Sequence[int] = DEFAULT_RECALL_PERCENTS,
+    block_rows: int = 512,
+) -> RetrievalResult:
+    """FoE table, both MAP flavours and Recall@k% for every query row, vectorised.
+
+    Rows are processed in blocks of ``block_rows`` so memory stays O(block_rows × N).
+    """
+    S, M = _validated(similarity, moa_match, clip=False)  # clipped block by block, in place
+    N = S.shape[0]
+    lin = np.linspace(0.0, 1.0, num=N)  # the published recall grid, ascending
+    parts = []
+    for start in range(0, N, block_rows):
+        rows = np.arange(start, min(start + block_rows, N))
+        S_block = np.clip(S[rows], -1.0, 1.0, out=np.empty((rows.size, N)))
+        M_block = M[rows]  # fancy indexing copies
+        S_block[np.arange(rows.size), rows] = -1.0
+        M_block[np.arange(rows.size), rows] = False
+        parts.append(_block_metrics(S_block, M_block, rows, N, percentile, tuple(recall_percents), lin))
+    cat = lambda key: np.concatenate([p[key] for p in parts])  # noqa: E731
+    return RetrievalResult(
+        n_positives=cat("n_positives"),
+        foe_v=np.concatenate([p["foe_v"] for p in parts], axis=0),
+        foe_threshold=cat("foe_threshold"),
+        foe_odds_ratio=cat("foe_odds_ratio"),
+        foe_p_value=cat("foe_p_value"),
+        average_precision=cat("average_precision"),
+        interpolated_precision=cat("interpolated_precision"),
+        recall={k: np.concatenate([p["recall"][k] for p in parts]) for k in recall_percents},
+    )
+
+
+def summarize_retrieval(result: RetrievalResult, *, alpha: float = 0.05) -> dict[str, dict]:
+    """Metric name -> {value, n (queries), variant (short name), description}."""
+    def entry(values, variant, description, reduce=np.mean):
+        values = np.asarray(values, dtype=np.float64)
+        values = values[~np.isnan(values)]
+        value = float(reduce(values)) if values.size else float("nan")
+        return dict(value=value, n=int(values.size), variant=variant, description=description)
+
+    foe_query = result.n_positives >= 1
+    odds = result.foe_odds_ratio[foe_query]
+    p = result.foe_p_value[foe_query]
+    reject = holm_sidak_reject(p, alpha)
+    out = {
+        "foe_top1_mean": entry(
+            published_odds_ratio(odds, result.foe_v[foe_query, 3]), "published (inf OR -> v22)",
+            "mean odds ratio at the top 1%; an infinite OR counts as count(sim<=t, other MoA) as in the "
+            "published code; tables with an empty margin (NaN OR) are skipped",
+        ),
+        "foe_top1_median": entry(odds, "median OR", "median sample odds ratio at the top 1% (no quirk)", np.median),
+        "foe_top1_n_significant": dict(
+            value=float(reject.sum()), n=int(p.size), variant=f"Holm-Sidak {alpha}",
+            description=f"queries whose one-sided Fisher p stays below {alpha} after Holm-Sidak correction",
+        ),
+        "map_interpolated": entry(
+            result.interpolated_precision, "DeepProfilerExperiments",
+            "interpolated_precision_recall_curve with its one-step-lagged walk; queries with >=2 other same-MoA",
+        ),
+        "map_ap": entry(
+            result.average_precision, "PhenoProfiler",
+            "mean sklearn average_precision_score with self=(False,-1); queries with >=1 other same-MoA",
+        ),
+    }
+    for percent, values in result.recall.items():
+        out[f"recall_top{percent}pct"] = entry(
+            values, "PhenoProfiler",
+            f"same-MoA hits in the next max(int(N*{percent}/100),1) after self / row sum including self",
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def enrichment_reference(similarity, moa_match, percentile: float = 99.0) -> pd.DataFrame:
+    """Per-query FoE table by a plain loop with ``scipy.stats.fisher_exact`` (the published recipe)."""
+    from scipy.stats import fisher_exact
+
+    S, M = _validated(similarity, moa_match)
+    N = S.shape[0]
+    records = []
+    for i in range(N):
+        others = np.arange(N) != i
+        matches = M[i, others]
+        if matches.sum() < 1:
+            continue
+        sims = S[i, others]
+        t = np.percentile(sims, percentile)
+        v11 = int(np.sum((sims > t) & matches))
+        v12 = int(np.sum((sims > t) & ~matches))
+        v21 = int(np.sum((sims <= t) & matches))
+        v22 = int(np.sum((sims <= t) & ~matches))
+        res = fisher_exact([[v11, v12], [v21, v22]], alternative="greater")
+        odds = float(res.statistic)
+        records.append(
+            dict(query=i, threshold=t, v11=v11, v12=v12, v21=v21, v22=v22, odds_ratio=odds,
+                 published_odds_ratio=float(v22) if np.isinf(odds) else odds, p_value=float(res.pvalue))
+        )
+    return pd.DataFrame(records)
+
+
+def map_ap_reference(similarity, moa_match) -> np.ndarray:
+    """Per-query ``average_precision_score`` with self set to (False, −1); NaN for non-queries."""
+    from sklearn.metrics import average_precision_score
+
+    S, M = _validated(similarity, moa_match)
+    out = np.full(S.shape[0], np.nan)
+    for i in range(S.shape[0]):
+        truth = M[i].copy()
+        score = S[i].copy()
+        truth[i] = False
+        score[i] = -1.0
+        if truth.sum() > 0:
+            out[i] = average_precision_score(truth, score)
+    return out
+
+
+def interpolated_curve_reference(similarity, moa_match) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """DeepProfilerExperiments' interpolated curve, walked query by query.
+
+    Returns (recall grid from 1 down to 0, curve averaged over queries, per-query curve means; NaN
+    for rows that are not queries).
+
+    Worked example (3 treatments, query 0; its two others are both same-MoA, scores 0.9 and 0.1;
+    self is scored -1 and labelled False):  scikit-learn's curve from the lowest threshold up is
+    precision [2/3, 1, 1, 1(appended)], recall [1, 1, 0.5, 0].  Running max: [2/3, 1, 1, 1].  Grid
+    (N = 3): [1, 0.5, 0].  g=0 stores max[0] = 2/3, then j advances while 1 < recall[j] (never);
+    g=1 stores max[0] = 2/3 (the lag), then j advances past recall 1, 1 to j=2 (recall 0.5);
+    g=2 stores max[2] = 1.  Query mean = (2/3 + 2/3 + 1)/3 = 7/9; textbook interpolation gives
+    (2/3 + 1 + 1)/3 = 8/9.
+    """
+    from sklearn.metrics import precision_recall_curve
+
+    S, M = _validated(similarity, moa_match)
+    N = S.shape[0]
+    grid = np.linspace(0.0, 1.0, num=N)[::-1]
+    curves = []
+    per_query = np.full(N, np.nan)
+    for i in range(N):
+        truth = M[i].copy()
+        score = S[i].copy()
+        truth[i] = False
+        score[i] = -1.0
+        if truth.sum() < 2:  # published: diagonal blanked, then "row sum > 1"
+            continue
+        precision, recall, _ = precision_recall_curve(truth, score)
+        running_max = np.maximum.accumulate(precision)
+        curve = np.zeros(N)
+        j = 0
+        for g in range(N):
+            curve[g] = running_max[j]  # value first, then advance: the one-step lag
+            while grid[g] < recall[j]:
+                j += 1
+        curves.append(curve)
+        per_query[i] = curve.mean()
+    mean_curve = np.mean(curves, axis=0) if curves else np.full(N, np.nan)
+    return grid, mean_curve, per_query
+
+
+def recall_reference(similarity, moa_match, percents: Sequence[int] = DEFAULT_RECALL_PERCENTS) -> dict[int, np.ndarray]:
+    """Recall@k% by a plain loop: stable sort of the others by similarity, self excluded."""
+    S, M = _validated(similarity, moa_match)
+    N = S.shape[0]
+    out = {}
+    for percent in percents:
+        n = min(max(int(N * percent / 100), 1), N - 1)
+        values = np.full(N, np.nan)
+        for i in range(N):
+            others = np.delete(np.arange(N), i)
+            matches = M[i, others]
+            if matches.sum() < 1:
+                continue
+            ranking = np.argsort(-S[i, others], kind="stable")
+            values[i] = matches[ranking[:n]].sum() / (matches.sum() + 1)  # +1: self counts in the row sum
+        out[percent] = values
+    return out

@@ -1,0 +1,47 @@
+# Per feature set: site features of every plate -> well, normalized, selected and consensus profiles
+# (pycytominer), with the PhenoProfiler phenotype correction on learned embedding sets.
+
+
+rule profiles:
+    input:
+        features=expand(f"{RESULTS}/features/{{{{set}}}}/{{plate}}.parquet", plate=PLATES),
+    output:
+        well=f"{RESULTS}/profiles/{{set}}/well.parquet",
+        normalized=f"{RESULTS}/profiles/{{set}}/normalized.parquet",
+        selected=f"{RESULTS}/profiles/{{set}}/selected.parquet",
+        consensus=f"{RESULTS}/profiles/{{set}}/consensus.parquet",
+    wildcard_constraints:
+        set="[^/]+",
+    params:
+        out=lambda wildcards: f"{RESULTS}/profiles/{wildcards.set}",
+        alpha=profiles_correction_alpha,
+        aggregate=config["profiles"]["aggregate"],
+        normalize=config["profiles"]["normalize"],
+        mad_epsilon=config["profiles"]["mad_epsilon"],
+        spherize_method=config["profiles"]["spherize_method"],
+        spherize_epsilon=config["profiles"]["spherize_epsilon"],
+        feature_select=" ".join(config["profiles"]["feature_select"]),
+        na_cutoff=config["profiles"]["na_cutoff"],
+        corr_threshold=config["profiles"]["corr_threshold"],
+        freq_cut=config["profiles"]["freq_cut"],
+        unique_cut=config["profiles"]["unique_cut"],
+        outlier_cutoff=config["profiles"]["outlier_cutoff"],
+        consensus=config["profiles"]["consensus"],
+    log:
+        f"{RESULTS}/logs/profiles/{{set}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/profiles/{{set}}.tsv"
+    threads: 1
+    conda:
+        "../../envs/profiles.yaml"
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    shell:
+        "phenoprofiler profiles --features {input.features} --out {params.out} "
+        "--correction-alpha {params.alpha} --aggregate {params.aggregate} --normalize {params.normalize} "
+        "--mad-epsilon {params.mad_epsilon} --spherize-method {params.spherize_method} "
+        "--spherize-epsilon {params.spherize_epsilon} --feature-select {params.feature_select} "
+        "--na-cutoff {params.na_cutoff} --corr-threshold {params.corr_threshold} --freq-cut {params.freq_cut} "
+        "--unique-cut {params.unique_cut} --outlier-cutoff {params.outlier_cutoff} "
+        "--consensus {params.consensus} > {log} 2>&1"
