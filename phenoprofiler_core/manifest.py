@@ -279,7 +279,17 @@ def list_plates(config: dict) -> list[str]:
 
 
 def read_manifest(path: str | Path, plate: str | None = None) -> pd.DataFrame:
-    manifest = pd.read_parquet(path)
+    """The manifest (optionally one plate's rows); DataError naming the file when it is unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"manifest not found: {path} (run the manifest step first)")
+    try:
+        manifest = pd.read_parquet(path)
+    except Exception as exc:
+        raise DataError(f"cannot read manifest {path}: {exc}") from exc
+    missing = [c for c in METADATA if c not in manifest.columns]
+    if missing or not any(c.startswith("Path_") for c in manifest.columns):
+        raise DataError(f"{path} is not a manifest: it lacks {missing or 'Path_<channel> columns'}")
     if plate is not None:
         manifest = manifest[manifest["Metadata_Plate"] == plate].reset_index(drop=True)
         if manifest.empty:
