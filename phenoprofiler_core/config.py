@@ -81,6 +81,13 @@ def _check_consistency(config: dict, source: str) -> None:
         )
     if images["layout"] == "pattern" and not images.get("pattern"):
         raise ConfigError(f"{source}: config key 'images.pattern' is required when images.layout is 'pattern'")
+    train = config.get("train") or {}
+    processes = (train.get("distributed") or {}).get("processes", 1)
+    if "batch_size" in train and train["batch_size"] % processes:
+        raise ConfigError(
+            f"{source}: config key 'train.batch_size' ({train['batch_size']}) must be divisible by "
+            f"train.distributed.processes ({processes}): it is the global batch, split evenly over the processes"
+        )
     if images["layout"] == "loaddata" and not images.get("loaddata"):
         raise ConfigError(f"{source}: config key 'images.loaddata' is required when images.layout is 'loaddata'")
 

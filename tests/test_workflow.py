@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,41 @@ def test_demo_illumination(demo):
 def test_every_job_left_a_log_and_benchmark(demo):
     assert len(list((demo / "benchmarks").rglob("*.tsv"))) >= 11
     assert (demo / "logs" / "tiles" / "SQ00015198.log").is_file()
+
+
+def test_demo_report(demo, repo_root, tmp_path):
+    page = (demo / "report.html").read_text()
+    for section in ("summary", "qc", "training", "metrics", "map", "umap", "runtimes"):
+        assert f'id="{section}"' in page
+    assert "phenoprofiler_demo" in page and "untrained" in page and "classic" in page
+    # the page is also carried by `snakemake --report`
+    zipped = tmp_path / "report.zip"
+    snakemake(repo_root, "--configfile", "config/demo.yaml", "--config", f"results={demo.parent}", "--report", str(zipped))
+    with zipfile.ZipFile(zipped) as archive:
+        assert any(name.endswith("/report.html") for name in archive.namelist())
+
+
+def test_demo_training_and_embeddings(demo):
+    history = pd.read_csv(demo / "model" / "phenoprofiler_demo" / "history.csv")
+    assert set(history.stage) == {1, 2} and set(history.split) == {"train", "validation"}
+    for name in ("phenoprofiler_demo", "untrained"):
+        features = pd.read_parquet(demo / "features" / name / "SQ00015198.parquet")
+        columns = [c for c in features.columns if not c.startswith("Metadata_")]
+        assert len(features) == 12 and len(columns) == 672
+        assert all(features[c].dtype == np.float32 for c in columns)
+    trained = pd.read_parquet(demo / "features" / "phenoprofiler_demo" / "SQ00015198.parquet")
+    untrained = pd.read_parquet(demo / "features" / "untrained" / "SQ00015198.parquet")
+    assert not np.allclose(trained.filter(like="emb").to_numpy(), untrained.filter(like="emb").to_numpy())
+
+
+def test_demo_evaluation_covers_every_set(demo):
+    summary = pd.read_parquet(demo / "eval" / "summary.parquet")
+    assert set(summary["set"]) == {"classic", "phenoprofiler_demo", "untrained"}
+    activity = summary[summary.metric == "map_activity"].set_index("set")["value"]
+    assert activity.notna().all() and ((activity >= 0) & (activity <= 1)).all()
+    for name in ("classic", "phenoprofiler_demo", "untrained"):
+        for step in ("well", "normalized", "selected", "consensus"):
+            assert (demo / "profiles" / name / f"{step}.parquet").is_file()
 
 
 def test_config_typo_fails_before_any_job(repo_root, tmp_path):

@@ -1,5 +1,6 @@
 # Config validation and target building.  The config is checked against the JSON schema (with
 # defaults) before any job is planned, so a typo fails at once naming the key.
+import json
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ sys.path.insert(0, str(Path(workflow.basedir).parent))  # the core package, also
 
 from phenoprofiler_core.config import validate_config
 from phenoprofiler_core.errors import PhenoProfilerError
+from phenoprofiler_core.fetch import fetch_pending
 from phenoprofiler_core.manifest import list_plates
 
 def _merged(base, override):
@@ -37,10 +39,13 @@ config.update(_validated)
 
 RESULTS = f"{config['results']}/{config['dataset']}"
 CHANNELS = list(config["channels"])
-try:
-    PLATES = list_plates(config)
-except PhenoProfilerError as _error:
-    raise WorkflowError(str(_error)) from None
+if fetch_pending(config):
+    PLATES = []  # unknown until the images are fetched: `rule all` asks for the fetch alone
+else:
+    try:
+        PLATES = list_plates(config)
+    except PhenoProfilerError as _error:
+        raise WorkflowError(str(_error)) from None
 
 
 wildcard_constraints:
@@ -50,7 +55,11 @@ wildcard_constraints:
 
 def feature_sets():
     """Feature sets to profile, evaluate and compare in the report, from the config."""
-    sets = ["classic"]
+    sets = ["classic", config["train"]["name"]]
+    if config["embed"]["untrained"]:
+        sets.append("untrained")
+    if config["embed"]["published_weights"]:
+        sets.append("published")
     return sets
 
 
@@ -81,6 +90,8 @@ def write_config_snapshot():
 
 def all_targets():
     """What `rule all` builds, from the config (grows as stages are switched on)."""
+    if fetch_pending(config):
+        return [f"{RESULTS}/fetch/files.tsv"]
     targets = [f"{RESULTS}/manifest.parquet"]
     targets += expand(f"{RESULTS}/tiles/{{plate}}.npy", plate=PLATES)
     if config["illumination"]["activate"]:
@@ -128,3 +139,74 @@ def report_inputs(wildcards):
     if "classic" in FEATURE_SETS:
         inputs["counts"] = expand(f"{RESULTS}/features/classic/{{plate}}.parquet", plate=PLATES)
     return inputs
+
+
+# ----------------------------------------------------------------------------- model rules
+
+MODEL_NAME = config["train"]["name"]
+# Site tiles, or single-cell crops paired with their site's regression target (train.level: cell, or
+# auto with cells.activate).  Resolved here so the CLI gets the same answer as the rule's inputs.
+TRAIN_LEVEL = config["train"]["level"]
+if TRAIN_LEVEL == "auto":
+    TRAIN_LEVEL = "cell" if config["cells"]["activate"] else "site"
+TRAIN_IMAGES = "cells" if TRAIN_LEVEL == "cell" else "tiles"
+TRAIN_INDEX = "cells" if TRAIN_LEVEL == "cell" else "sites"
+
+
+def _sections(*names):
+    sections = {name: config[name] for name in names}
+    if "train" in sections:
+        sections["train"] = {**sections["train"], "level": TRAIN_LEVEL}
+    return json.dumps(sections, sort_keys=True)
+
+
+def train_targets(wildcards):
+    """Classic features of every plate, unless a target table is given in train.targets."""
+    if config["train"]["targets"]:
+        return [config["train"]["targets"]]
+    return expand(f"{RESULTS}/features/classic/{{plate}}.parquet", plate=PLATES)
+
+
+def embed_level(kind):
+    """Level a feature set is embedded at: embed.level, or for 'auto' the trained model's level."""
+    level = config["embed"]["level"]
+    if level == "auto":
+        return TRAIN_LEVEL if kind == "trained" else "site"
+    return level
+
+
+def embed_images(kind):
+    """Tiles always (their sites table carries the site metadata); crops at cell level."""
+
+    def files(wildcards):
+        found = {
+            "tiles": f"{RESULTS}/tiles/{wildcards.plate}.npy",
+            "sites": f"{RESULTS}/tiles/{wildcards.plate}.sites.parquet",
+        }
+        if embed_level(kind) == "cell":
+            found["cells"] = f"{RESULTS}/cells/{wildcards.plate}.npy"
+            found["cells_table"] = f"{RESULTS}/cells/{wildcards.plate}.cells.parquet"
+        return found
+
+    return files
+
+
+def cells_arg(wildcards, input):
+    """--cells-dir when the rule's inputs include crops (cell-level embedding)."""
+    return f"--cells-dir {os.path.dirname(input.cells)}" if "cells" in input.keys() else ""
+
+
+def folder_of(name):
+    """params function: the folder of input file ``name`` (the CLI takes folders + plate names)."""
+    return lambda wildcards, input: os.path.dirname(input[name][0] if isinstance(input[name], list) else input[name])
+
+
+# train.distributed.processes > 1: one process per GPU on one node via torchrun (torch DDP).
+TRAIN_PROCESSES = config["train"]["distributed"]["processes"]
+
+
+def train_launcher():
+    """The command that runs `phenoprofiler train`: directly, or under torchrun for N processes."""
+    if TRAIN_PROCESSES == 1:
+        return "phenoprofiler"
+    return f"torchrun --standalone --nproc_per_node {TRAIN_PROCESSES} -m phenoprofiler_core.cli"
