@@ -41,6 +41,8 @@ import pandas as pd
 
 from . import io
 from .errors import ConfigError, DataError, ImageError
+from .illumination import load_functions
+from .manifest import read_manifest as manifest_rows
 from .illumination import check_image
 
 log = logging.getLogger(__name__)
@@ -115,35 +117,13 @@ def manifest_channels(manifest: pd.DataFrame, channels: Sequence[str] | None = N
 
 def read_manifest(path: str | os.PathLike, plate: str) -> pd.DataFrame:
     """The manifest rows of one plate, in (well, site) order."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"manifest not found: {path}")
-    manifest = pd.read_parquet(path)
-    missing = [c for c in SITE_KEY if c not in manifest.columns]
-    if missing:
-        raise DataError(f"manifest {path} lacks column(s) {missing}")
-    rows = manifest[manifest["Metadata_Plate"].astype(str) == str(plate)]
-    if rows.empty:
-        plates = sorted(manifest["Metadata_Plate"].astype(str).unique())
-        raise DataError(f"manifest {path} has no rows for plate {plate!r}; plates: {plates}")
+    rows = manifest_rows(path, str(plate))
     return rows.sort_values(["Metadata_Well", "Metadata_Site"]).reset_index(drop=True)
 
 
 def load_illumination(illum_dir: str | os.PathLike | None, channels: Sequence[str]) -> dict[str, np.ndarray] | None:
     """Per-channel illumination functions from ``illum/<plate>/<Channel>.npy``; None when correction is off."""
-    if illum_dir is None:
-        return None
-    illum_dir = Path(illum_dir)
-    functions = {}
-    for channel in channels:
-        path = illum_dir / f"{channel}.npy"
-        if not path.is_file():
-            raise ImageError(f"illumination function not found: {path} (channel {channel})")
-        function = np.load(path).astype(np.float32)
-        if function.ndim != 2 or not np.all(np.isfinite(function)) or function.min() <= 0:
-            raise ImageError(f"illumination function {path} must be a finite 2-D array > 0, got shape {function.shape}")
-        functions[channel] = function
-    return functions
+    return None if illum_dir is None else load_functions(illum_dir, channels)
 
 
 def load_site(

@@ -94,13 +94,17 @@ def plate_illumination(
 
 
 def load_functions(folder: str | Path, channels: list[str]) -> dict[str, np.ndarray]:
+    """Per-channel functions from ``illum/<plate>/<Channel>.npy``, checked to be usable divisors."""
     folder = Path(folder)
     out = {}
     for channel in channels:
         path = folder / f"{channel}.npy"
         if not path.is_file():
-            raise DataError(f"illumination function missing: {path}")
-        out[channel] = np.load(path)
+            raise ImageError(f"illumination function not found: {path} (channel {channel})")
+        function = np.load(path).astype(np.float32)
+        if function.ndim != 2 or not np.all(np.isfinite(function)) or function.min() <= 0:
+            raise ImageError(f"illumination function {path} must be a finite 2-D array > 0, got shape {function.shape}")
+        out[channel] = function
     return out
 
 

@@ -2,6 +2,8 @@
 
 
 rule manifest:
+    input:
+        fetched=FETCH_LISTING,
     output:
         f"{RESULTS}/manifest.parquet",
     params:
