@@ -280,3 +280,24 @@ def test_cell_level_training_pairs_crops_with_their_site_target(tmp_path):
     assert cli.main(["embed", "--plate", "P1", "--tiles-dir", str(root / "tiles"), "--cells-dir", str(root / "cells"),
                      "--checkpoint", str(out / "stage2.pt"), "--out", str(features)]) == 0
     assert len(pd.read_parquet(features)) == 8
+
+
+def test_paper_learning_rate_milestones():
+    """train.lr_milestones gives the paper's piecewise schedule, epoch by epoch, through the scheduler."""
+    import torch
+
+    from phenoprofiler_core.train import TrainConfig, make_scheduler
+
+    cfg = TrainConfig.from_dict({"lr": 1e-3, "lr_milestones": [[20, 5e-4], [50, 1e-4], [100, 5e-5]]})
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    scheduler = make_scheduler(optimizer, cfg)
+    seen = []
+    for _ in range(120):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen[0] == seen[19] == pytest.approx(1e-3)
+    assert seen[20] == seen[49] == pytest.approx(5e-4)
+    assert seen[50] == pytest.approx(1e-4) and seen[100] == seen[119] == pytest.approx(5e-5)
+    plain = make_scheduler(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), TrainConfig.from_dict({"lr_step": 5}))
+    assert isinstance(plain, torch.optim.lr_scheduler.StepLR)
