@@ -81,8 +81,10 @@ def test_profile_is_found_by_bare_name_and_by_path(repo_root):
     assert profile["executor"] == "slurm"
     rules = set(profile["set-resources"])
     assert {"manifest", "illumination", "tiles", "cells", "classic", "train", "embed", "profiles", "evaluate", "report"} <= rules
-    for rule in ("train", "embed"):
-        assert profile["set-resources"][rule]["gpu"] == 1
+    assert profile["set-resources"]["embed"]["gpu"] == 1
+    # train's GPU count is the rule's own (train.distributed.processes), so the profile must not pin it
+    assert "gpu" not in profile["set-resources"]["train"]
+    assert "gpu=TRAIN_PROCESSES" in (repo_root / "workflow/rules/model.smk").read_text()
     for entry in rules:
         assert {"mem_mb", "runtime"} <= set(profile["set-resources"][entry]), entry
 
