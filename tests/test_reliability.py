@@ -102,3 +102,65 @@ def test_killed_run_resumes_to_identical_tiles(repo_root, tmp_path):
         ta = pd.read_parquet(reference / "demo" / "tiles" / f"{plate}.sites.parquet")
         tb = pd.read_parquet(interrupted / "demo" / "tiles" / f"{plate}.sites.parquet")
         pd.testing.assert_frame_equal(ta, tb)
+
+
+def _tables_equal(a: Path, b: Path) -> None:
+    pd.testing.assert_frame_equal(pd.read_parquet(a), pd.read_parquet(b), check_exact=True)
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_and_the_whole_run_is_deterministic(repo_root, tmp_path):
+    """Kill Snakemake during training, rerun: the model, features, profiles and metrics equal those of
+    an uninterrupted run with the same config and seed (identical bytes on CPU)."""
+    quick = tmp_path / "quick.yaml"  # the demo with shorter training (merged over config/demo.yaml)
+    quick.write_text("train: {epochs_stage1: 4, epochs_stage2: 2}\n")
+
+    def snakemake_all(results):
+        # --config takes several key=value pairs; the results override comes from _snakemake
+        env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+        return subprocess.Popen(
+            [f"{BIN}/snakemake", "--cores", "2", "--configfile", "config/demo.yaml", str(quick),
+             "--config", f"results={results}"],
+            cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+
+    reference = tmp_path / "reference"
+    proc = snakemake_all(reference)
+    out = proc.communicate(timeout=1500)[0]
+    assert proc.returncode == 0, out[-5000:]
+
+    interrupted = tmp_path / "interrupted"
+    proc = snakemake_all(interrupted)
+    state = interrupted / "demo" / "model" / "phenoprofiler_demo" / "state"
+    deadline = time.time() + 900
+    # kill the whole run once training has checkpointed at least one epoch, before it finished
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and any(state.iterdir()):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before training could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (interrupted / "demo" / "model" / "phenoprofiler_demo" / "stage2.pt").exists()
+
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+    subprocess.run([f"{BIN}/snakemake", "--unlock", "--config", f"results={interrupted}"], cwd=repo_root, env=env, capture_output=True)
+    proc = snakemake_all(interrupted)
+    out = proc.communicate(timeout=1500)[0]
+    assert proc.returncode == 0, out[-5000:]
+
+    import torch
+
+    a = torch.load(reference / "demo/model/phenoprofiler_demo/stage2.pt", map_location="cpu", weights_only=False)
+    b = torch.load(interrupted / "demo/model/phenoprofiler_demo/stage2.pt", map_location="cpu", weights_only=False)
+    sa, sb = a["model_state"], b["model_state"]
+    tensors = list(sa)
+    assert tensors and all(torch.equal(sa[k], sb[k]) for k in tensors)
+    pd.testing.assert_frame_equal(pd.read_csv(reference / "demo/model/phenoprofiler_demo/history.csv"),
+                                  pd.read_csv(interrupted / "demo/model/phenoprofiler_demo/history.csv"))
+    compared = 0
+    for sub in ("features", "profiles", "eval"):
+        for ref in sorted((reference / "demo" / sub).rglob("*.parquet")):
+            _tables_equal(ref, interrupted / "demo" / ref.relative_to(reference / "demo"))
+            compared += 1
+    assert compared >= 5 * 3 + 3 * 4 + 3 * 3 + 1  # features, profiles, eval tables of 3 sets + summary
