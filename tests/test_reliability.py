@@ -55,12 +55,21 @@ def test_tile_memory_is_flat_when_the_plate_grows_4x(tmp_path):
     assert large < small * 1.25 + 30, (small, large)
 
 
-def _snakemake(repo_root, results, *targets):
+def _start(repo_root, args, log: Path) -> subprocess.Popen:
+    """Start Snakemake in its own process group, its output going to ``log`` (a pipe nobody reads
+    while we poll would fill up and stall the run)."""
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
-    return subprocess.Popen(
-        [f"{BIN}/snakemake", *targets, "--cores", "1", "--config", f"results={results}"],
-        cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
+    with open(log, "ab") as handle:
+        return subprocess.Popen([f"{BIN}/snakemake", *args], cwd=repo_root, env=env, stdout=handle,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: int = 1500) -> None:
+    assert proc.wait(timeout=timeout) == 0, log.read_text()[-5000:]
+
+
+def _snakemake(repo_root, results, *targets):
+    return _start(repo_root, [*targets, "--cores", "1", "--config", f"results={results}"], Path(f"{results}.log"))
 
 
 @pytest.mark.slow
@@ -69,8 +78,7 @@ def test_killed_run_resumes_to_identical_tiles(repo_root, tmp_path):
     targets = lambda results: [f"{results}/demo/tiles/{p}.npy" for p in plates]
 
     reference = tmp_path / "reference"
-    proc = _snakemake(repo_root, reference, *targets(reference))
-    assert proc.wait(timeout=600) == 0, proc.stdout.read()
+    _finish(_snakemake(repo_root, reference, *targets(reference)), Path(f"{reference}.log"))
 
     interrupted = tmp_path / "interrupted"
     proc = _snakemake(repo_root, interrupted, *targets(interrupted))
@@ -92,9 +100,7 @@ def test_killed_run_resumes_to_identical_tiles(repo_root, tmp_path):
 
     subprocess.run([f"{BIN}/snakemake", "--unlock", "--config", f"results={interrupted}"], cwd=repo_root,
                    env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}"), capture_output=True)
-    proc = _snakemake(repo_root, interrupted, *targets(interrupted))
-    output = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, output
+    _finish(_snakemake(repo_root, interrupted, *targets(interrupted)), Path(f"{interrupted}.log"))
     for plate in plates:
         a = np.load(reference / "demo" / "tiles" / f"{plate}.npy")
         b = np.load(interrupted / "demo" / "tiles" / f"{plate}.npy")
@@ -116,18 +122,11 @@ def test_killed_training_resumes_and_the_whole_run_is_deterministic(repo_root, t
     quick.write_text("train: {epochs_stage1: 4, epochs_stage2: 2}\n")
 
     def snakemake_all(results):
-        # --config takes several key=value pairs; the results override comes from _snakemake
-        env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
-        return subprocess.Popen(
-            [f"{BIN}/snakemake", "--cores", "2", "--configfile", "config/demo.yaml", str(quick),
-             "--config", f"results={results}"],
-            cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )
+        args = ["--cores", "2", "--configfile", "config/demo.yaml", str(quick), "--config", f"results={results}"]
+        return _start(repo_root, args, Path(f"{results}.log"))
 
     reference = tmp_path / "reference"
-    proc = snakemake_all(reference)
-    out = proc.communicate(timeout=1500)[0]
-    assert proc.returncode == 0, out[-5000:]
+    _finish(snakemake_all(reference), Path(f"{reference}.log"))
 
     interrupted = tmp_path / "interrupted"
     proc = snakemake_all(interrupted)
@@ -145,9 +144,7 @@ def test_killed_training_resumes_and_the_whole_run_is_deterministic(repo_root, t
 
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
     subprocess.run([f"{BIN}/snakemake", "--unlock", "--config", f"results={interrupted}"], cwd=repo_root, env=env, capture_output=True)
-    proc = snakemake_all(interrupted)
-    out = proc.communicate(timeout=1500)[0]
-    assert proc.returncode == 0, out[-5000:]
+    _finish(snakemake_all(interrupted), Path(f"{interrupted}.log"))
 
     import torch
 
