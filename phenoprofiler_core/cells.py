@@ -426,6 +426,17 @@ def run_cells(
 # ----------------------------------------------------------------------------- CLI
 
 
+def add_site_arguments(parser: argparse.ArgumentParser, *, out_help: str) -> None:
+    """Arguments shared by the per-plate site commands (``cells``, ``classic``)."""
+    parser.add_argument("manifest", help="manifest.parquet")
+    parser.add_argument("--plate", required=True)
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--illum", default=None, help="illum/<plate> folder; omit when illumination is off")
+    parser.add_argument("--channels", nargs="+", default=None,
+                        help="canonical channel order (default: the manifest's Path_ columns)")
+    add_nuclei_arguments(parser)
+
+
 def add_nuclei_arguments(parser: argparse.ArgumentParser) -> None:
     """Nucleus options shared by ``cells`` and ``classic`` (config section ``cells``)."""
     group = parser.add_argument_group("nuclei (config section cells)")
@@ -492,18 +503,12 @@ def _run(args: argparse.Namespace) -> None:
 def register_cli(subparsers) -> None:
     parser = subparsers.add_parser("cells", help="single-cell crops of one plate",
                                    description=__doc__.splitlines()[0])
-    parser.add_argument("manifest", help="manifest.parquet")
-    parser.add_argument("--plate", required=True)
-    parser.add_argument("--out", required=True, help="cells/<plate>.npy (N_cells, C, s, s) float16")
+    add_site_arguments(parser, out_help="cells/<plate>.npy (N_cells, C, s, s) float16")
     parser.add_argument("--table", required=True, help="cells/<plate>.cells.parquet")
-    parser.add_argument("--illum", default=None, help="illum/<plate> folder; omit when illumination is off")
-    parser.add_argument("--channels", nargs="+", default=None,
-                        help="canonical channel order (default: the manifest's Path_ columns)")
     parser.add_argument("--box-size", type=int, default=128, help="box around each nucleus (full-res px)")
     parser.add_argument("--crop-size", type=int, default=96, help="stored crop edge (px)")
     parser.add_argument("--percentiles", type=float, nargs=2, default=[0.1, 99.9], metavar=("LOW", "HIGH"),
                         help="per-plate-and-channel percentiles mapped to 0 and 1 (tiles.percentiles)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="processes for the per-site pass")
-    add_nuclei_arguments(parser)
     parser.set_defaults(func=_run)

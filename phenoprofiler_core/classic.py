@@ -57,7 +57,7 @@ import pandas as pd
 from . import io
 from .cells import (
     NucleiOptions,
-    add_nuclei_arguments,
+    add_site_arguments,
     load_illumination,
     load_site,
     manifest_channels,
@@ -422,12 +422,7 @@ def _run(args: argparse.Namespace) -> None:
 def register_cli(subparsers) -> None:
     parser = subparsers.add_parser("classic", help="hand-crafted CellProfiler-like features per site",
                                    description=__doc__.splitlines()[0])
-    parser.add_argument("manifest", help="manifest.parquet")
-    parser.add_argument("--plate", required=True)
-    parser.add_argument("--out", required=True, help="features/classic/<plate>.parquet")
-    parser.add_argument("--illum", default=None, help="illum/<plate> folder; omit when illumination is off")
-    parser.add_argument("--channels", nargs="+", default=None,
-                        help="canonical channel order (default: the manifest's Path_ columns)")
+    add_site_arguments(parser, out_help="features/classic/<plate>.parquet")
     parser.add_argument("--cell-channel", default="AGP",
                         help="channel cells grow into ('' = mean of the non-nucleus channels)")
     parser.add_argument("--cell-sigma", type=float, default=2.0, help="smoothing (px) of the cell channel")
@@ -436,5 +431,4 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--texture-levels", type=int, default=8, help="grey levels of the co-occurrence matrices")
     parser.add_argument("--texture-distance", type=int, default=3, help="pixel distance of the co-occurrence pairs")
     parser.add_argument("--workers", type=int, default=1, help="processes (sites in parallel)")
-    add_nuclei_arguments(parser)
     parser.set_defaults(func=_run)

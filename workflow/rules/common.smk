@@ -14,6 +14,7 @@ from phenoprofiler_core.errors import PhenoProfilerError
 from phenoprofiler_core.fetch import fetch_pending
 from phenoprofiler_core.manifest import list_plates
 
+
 def _merged(base, override):
     """``override`` on top of ``base``, recursively (how --config overrides a config file)."""
     out = dict(base)
