@@ -30,8 +30,11 @@ test-fast: $(STAMP)  ## unit tests only (skips workflow runs and training)
 bench: $(STAMP)
 	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
-lint: $(STAMP)
-	snakemake --lint --configfile config/demo.yaml
+lint: $(STAMP)  ## ruff (lint + format check), snakefmt --check, snakemake --lint: all must be clean
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check workflow
+	$(BIN)/snakemake --lint --configfile config/demo.yaml
 
 clean:
 	rm -rf results .snakemake

@@ -29,14 +29,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1080)
     args = parser.parse_args()
-    shared = ROOT.parent / "shared/data/lincs_SQ000152xx_4wells_png8bit/images/SQ00015198/r01c01f01p01-ch1sk1fk1fl1.png"
+    shared = (
+        ROOT.parent
+        / "shared/data/lincs_SQ000152xx_4wells_png8bit/images/SQ00015198/r01c01f01p01-ch1sk1fk1fl1.png"
+    )
     if shared.is_file():
         image = read_image(shared).astype(np.float64)
     else:
-        crop = read_image(next((ROOT / "resources/demo/images/SQ00015198").glob("*ch1*.png"))).astype(np.float64)
+        crop = read_image(next((ROOT / "resources/demo/images/SQ00015198").glob("*ch1*.png"))).astype(
+            np.float64
+        )
         image = np.tile(crop, (3, 3))
     image = image[: args.size, : args.size]
-    print(f"image {image.shape[1]}x{image.shape[0]} ({'real LINCS 1080²' if shared.is_file() else 'demo crop tiled'})")
+    print(
+        f"image {image.shape[1]}x{image.shape[0]} ({'real LINCS 1080²' if shared.is_file() else 'demo crop tiled'})"
+    )
 
     t0 = time.perf_counter()
     ours = illumination_function(image, downsample=0.2, median_size=20)

@@ -108,9 +108,11 @@ def main() -> None:
             sync()
             times[name].append(time.perf_counter() - start)
 
-    print(f"device: {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}, "
-          f"{args.backbone}, batch {args.batch} × {args.channels}×{args.size}×{args.size}, "
-          f"median of {args.rounds} interleaved rounds")
+    print(
+        f"device: {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}, "
+        f"{args.backbone}, batch {args.batch} × {args.channels}×{args.size}×{args.size}, "
+        f"median of {args.rounds} interleaved rounds"
+    )
     if compile_s is not None:
         print(f"compile + first batch: {compile_s:.1f} s (paid once per embed job)")
     base = args.batch / statistics.median(times["plain"])
@@ -118,8 +120,10 @@ def main() -> None:
         ips = args.batch / statistics.median(times[name])
         diff = (outputs[name] - outputs["plain"]).abs().max().item()
         spread = f"[{args.batch / max(times[name]):.1f}–{args.batch / min(times[name]):.1f}]"
-        print(f"{name:9s} {ips:8.2f} images/s {spread:>13s}  ×{ips / base:5.2f} vs plain   max|Δ| = {diff:.2e}"
-              f"{'  (within 1e-4)' if diff <= 1e-4 else ''}")
+        print(
+            f"{name:9s} {ips:8.2f} images/s {spread:>13s}  ×{ips / base:5.2f} vs plain   max|Δ| = {diff:.2e}"
+            f"{'  (within 1e-4)' if diff <= 1e-4 else ''}"
+        )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,11 @@ def generate(n: int, n_moas: int, dim: int, seed: int) -> tuple[np.ndarray, list
     second = rng.integers(0, n_moas, n)
     two_labels = rng.random(n) < 0.15
     no_label = rng.random(n) < 0.05
-    profiles = rng.standard_normal((n, dim)) + 0.7 * centroids[first] + 0.35 * two_labels[:, None] * centroids[second]
+    profiles = (
+        rng.standard_normal((n, dim))
+        + 0.7 * centroids[first]
+        + 0.35 * two_labels[:, None] * centroids[second]
+    )
     moas = []
     for i in range(n):
         if no_label[i]:
@@ -53,8 +57,10 @@ def main() -> None:
     profiles, moas = generate(args.n, args.moas, args.dim, args.seed)
     S = metrics.cosine_similarity_matrix(profiles)
     M = metrics.moa_match_matrix(moas)
-    print(f"{args.n} treatments, {args.moas} MoAs, dim {args.dim}; "
-          f"{int((M.sum(1) > 1).sum())} FoE/map_ap queries, {int((M.sum(1) > 2).sum())} map_interpolated queries")
+    print(
+        f"{args.n} treatments, {args.moas} MoAs, dim {args.dim}; "
+        f"{int((M.sum(1) > 1).sum())} FoE/map_ap queries, {int((M.sum(1) > 2).sum())} map_interpolated queries"
+    )
 
     # Same work on both sides: FoE + map_ap + map_interpolated (Recall@k% timed separately below).
     # Best of 3 for the fast path (its first call also pays page faults); the loop runs once.
@@ -78,9 +84,13 @@ def main() -> None:
     q = foe_ref["query"].to_numpy()
     agree = {
         "FoE 2x2 tables": bool((foe_ref[["v11", "v12", "v21", "v22"]].to_numpy() == fast.foe_v[q]).all()),
-        "FoE odds ratios": bool(np.allclose(foe_ref["odds_ratio"], fast.foe_odds_ratio[q], equal_nan=True, rtol=1e-12)),
+        "FoE odds ratios": bool(
+            np.allclose(foe_ref["odds_ratio"], fast.foe_odds_ratio[q], equal_nan=True, rtol=1e-12)
+        ),
         "FoE p-values": bool(np.allclose(foe_ref["p_value"], fast.foe_p_value[q], rtol=1e-9, atol=0)),
-        "map_ap per query": bool(np.allclose(ap_ref, fast.average_precision, equal_nan=True, rtol=0, atol=1e-12)),
+        "map_ap per query": bool(
+            np.allclose(ap_ref, fast.average_precision, equal_nan=True, rtol=0, atol=1e-12)
+        ),
         "map_interpolated per query": bool(
             np.allclose(interp_ref, fast.interpolated_precision, equal_nan=True, rtol=0, atol=1e-12)
         ),
@@ -100,9 +110,13 @@ def main() -> None:
 
     summary = metrics.summarize_retrieval(fast)
     print(f"vectorised (FoE + map_ap + map_interpolated), best of 3: {t_fast:8.2f} s")
-    print(f"per-query loop: FoE {t_foe:.2f} s + map_ap {t_ap:.2f} s + map_interpolated {t_interp:.2f} s = {t_ref:8.2f} s")
+    print(
+        f"per-query loop: FoE {t_foe:.2f} s + map_ap {t_ap:.2f} s + map_interpolated {t_interp:.2f} s = {t_ref:8.2f} s"
+    )
     print(f"speed-up: {t_ref / t_fast:.1f}x (goal >= 20x)")
-    print(f"with Recall@1/3/5/10% too: vectorised {t_fast_all:.2f} s; the recall loop alone {t_recall_ref:.2f} s")
+    print(
+        f"with Recall@1/3/5/10% too: vectorised {t_fast_all:.2f} s; the recall loop alone {t_recall_ref:.2f} s"
+    )
     for name, ok in agree.items():
         print(f"agree {name:28s}: {'yes' if ok else 'NO'}")
     for name in ("foe_top1_mean", "foe_top1_median", "foe_top1_n_significant", "map_interpolated", "map_ap"):

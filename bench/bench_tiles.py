@@ -16,18 +16,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
 
 from phenoprofiler_core.config import validate_config  # noqa: E402
 from phenoprofiler_core.illumination import plate_illumination  # noqa: E402
 from phenoprofiler_core.io import read_image, write_npy  # noqa: E402
 from phenoprofiler_core.manifest import build_manifest, channels_of  # noqa: E402
 from phenoprofiler_core.tiles import assemble_tiles  # noqa: E402
-
-import yaml  # noqa: E402
 
 
 def demo_manifest(source: Path | None):
@@ -51,8 +49,10 @@ def main() -> None:
     channels = channels_of(manifest)
     paths = [p for c in channels for p in manifest[f"Path_{c}"]]
     shape = read_image(paths[0]).shape
-    print(f"plate {args.plate}: {len(manifest)} sites x {len(channels)} channels, {shape[1]}x{shape[0]} px "
-          f"({'shared full-resolution' if args.source else 'embedded demo crops'})")
+    print(
+        f"plate {args.plate}: {len(manifest)} sites x {len(channels)} channels, {shape[1]}x{shape[0]} px "
+        f"({'shared full-resolution' if args.source else 'embedded demo crops'})"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         illum = Path(tmp) / "illum"
@@ -67,12 +67,16 @@ def main() -> None:
                 read_image(p)
             decode.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            assemble_tiles(manifest, channels, Path(tmp) / "tiles.npy", illum_dir=illum, size=448, progress=False)
+            assemble_tiles(
+                manifest, channels, Path(tmp) / "tiles.npy", illum_dir=illum, size=448, progress=False
+            )
             tiles.append(time.perf_counter() - t0)
     n = len(manifest)
     d, t = min(decode), min(tiles)
     print(f"pure decode      : {n / d:8.1f} sites/s  ({d:.3f} s)")
-    print(f"tile assembly    : {n / t:8.1f} sites/s  ({t:.3f} s)  [decode + illum + resize 448 + rescale + write]")
+    print(
+        f"tile assembly    : {n / t:8.1f} sites/s  ({t:.3f} s)  [decode + illum + resize 448 + rescale + write]"
+    )
     print(f"ratio tiles/decode time: {t / d:.2f}x  (goal <= 1.5x)")
 
 

@@ -76,10 +76,14 @@ def main() -> None:
         sync()
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    print(f"device: {device} ({torch.get_num_threads()} CPU threads), autocast {amp}, {args.backbone}, "
-          f"batch {args.batch} × {args.channels}×{args.size}×{args.size}, ffn {args.ffn}")
-    print(f"train step: {median:.3f} s median of {args.steps} ({args.batch / median:.2f} images/s); "
-          f"all: {', '.join(f'{t:.3f}' for t in times)}")
+    print(
+        f"device: {device} ({torch.get_num_threads()} CPU threads), autocast {amp}, {args.backbone}, "
+        f"batch {args.batch} × {args.channels}×{args.size}×{args.size}, ffn {args.ffn}"
+    )
+    print(
+        f"train step: {median:.3f} s median of {args.steps} ({args.batch / median:.2f} images/s); "
+        f"all: {', '.join(f'{t:.3f}' for t in times)}"
+    )
 
 
 if __name__ == "__main__":

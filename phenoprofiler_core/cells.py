@@ -32,18 +32,17 @@ import argparse
 import concurrent.futures
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 
 from . import io
 from .errors import ConfigError, DataError, ImageError
-from .illumination import load_functions
+from .illumination import check_image, load_functions
 from .manifest import read_manifest as manifest_rows
-from .illumination import check_image
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +120,9 @@ def read_manifest(path: str | os.PathLike, plate: str) -> pd.DataFrame:
     return rows.sort_values(["Metadata_Well", "Metadata_Site"]).reset_index(drop=True)
 
 
-def load_illumination(illum_dir: str | os.PathLike | None, channels: Sequence[str]) -> dict[str, np.ndarray] | None:
+def load_illumination(
+    illum_dir: str | os.PathLike | None, channels: Sequence[str]
+) -> dict[str, np.ndarray] | None:
     """Per-channel illumination functions from ``illum/<plate>/<Channel>.npy``; None when correction is off."""
     return None if illum_dir is None else load_functions(illum_dir, channels)
 
@@ -149,7 +150,9 @@ def load_site(
                 )
             plane /= function
         if planes and plane.shape != planes[0].shape:
-            raise ImageError(f"image {path} has shape {plane.shape}; the site's first channel has {planes[0].shape}")
+            raise ImageError(
+                f"image {path} has shape {plane.shape}; the site's first channel has {planes[0].shape}"
+            )
         planes.append(plane)
     return np.stack(planes)
 
@@ -200,7 +203,9 @@ def segment_nuclei(
         # Smoothing merges the twin maxima of elongated nuclei, the main cause of over-splitting.
         distance = filters.gaussian(distance, sigma=1.0, preserve_range=True)
         components, _ = ndi.label(foreground)
-        peaks = feature.peak_local_max(distance, min_distance=int(min_distance), labels=components, exclude_border=False)
+        peaks = feature.peak_local_max(
+            distance, min_distance=int(min_distance), labels=components, exclude_border=False
+        )
         # Number seeds in raster order (peak_local_max returns them by height), so object numbers are stable.
         peaks = peaks[np.lexsort((peaks[:, 1], peaks[:, 0]))]
         markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
@@ -229,7 +234,9 @@ def read_locations(path: str | os.PathLike, x_column: str, y_column: str) -> np.
 def site_nuclei(row: pd.Series | dict, image: np.ndarray, channels: Sequence[str], options: NucleiOptions):
     """(labels, centres_xy) of one site: segmented nuclei, or given centres used as watershed seeds."""
     if options.channel not in channels:
-        raise ConfigError(f"nucleus channel {options.channel!r} (cells.nuclei_channel) is not among channels {list(channels)}")
+        raise ConfigError(
+            f"nucleus channel {options.channel!r} (cells.nuclei_channel) is not among channels {list(channels)}"
+        )
     dna = image[list(channels).index(options.channel)]
     kwargs = dict(
         sigma=options.sigma,
@@ -261,8 +268,9 @@ def label_centres(labels: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- crops
 
 
-def crop_cells(image: np.ndarray, centres_xy: np.ndarray, *, box_size: int = 128, crop_size: int = 96,
-               chunk: int = 128) -> Iterator[np.ndarray]:
+def crop_cells(
+    image: np.ndarray, centres_xy: np.ndarray, *, box_size: int = 128, crop_size: int = 96, chunk: int = 128
+) -> Iterator[np.ndarray]:
     """Yield (n, C, crop_size, crop_size) float32 crops around ``centres_xy``, ``chunk`` cells at a time.
 
     The image is zero-padded by half a box on every side, so a box leaving the image is filled with 0
@@ -283,12 +291,18 @@ def crop_cells(image: np.ndarray, centres_xy: np.ndarray, *, box_size: int = 128
     top = np.floor(centres_xy[:, 1]).astype(int)
     for start in range(0, len(centres_xy), chunk):
         boxes = np.stack(
-            [padded[:, t : t + box_size, l : l + box_size] for t, l in zip(top[start : start + chunk], left[start : start + chunk])]
+            [
+                padded[:, t : t + box_size, x : x + box_size]
+                for t, x in zip(top[start : start + chunk], left[start : start + chunk])
+            ]
         )
         if crop_size != box_size:
             with torch.no_grad():
                 boxes = F.interpolate(
-                    torch.from_numpy(boxes), size=(crop_size, crop_size), mode="bilinear", antialias=True,
+                    torch.from_numpy(boxes),
+                    size=(crop_size, crop_size),
+                    mode="bilinear",
+                    antialias=True,
                     align_corners=False,
                 ).numpy()
         yield boxes
@@ -371,21 +385,27 @@ def run_cells(
     sites = read_manifest(manifest, plate)
     channels = manifest_channels(sites, channels)
     if nuclei.channel not in channels:
-        raise ConfigError(f"nucleus channel {nuclei.channel!r} (cells.nuclei_channel) is not among channels {channels}")
+        raise ConfigError(
+            f"nucleus channel {nuclei.channel!r} (cells.nuclei_channel) is not among channels {channels}"
+        )
     rows = sites.to_dict("records")
     illum = str(illum_dir) if illum_dir is not None else None
     illumination = load_illumination(illum, channels)  # fail early, naming a missing file
 
     first = _SitePass(channels, illum, nuclei, max(1000, max_samples // len(rows)), seed)
     centres_per_site, samples = [], []
-    for centres, sample in tqdm(map_sites(first, rows, workers), total=len(rows), desc=f"cells {plate} nuclei"):
+    for centres, sample in tqdm(
+        map_sites(first, rows, workers), total=len(rows), desc=f"cells {plate} nuclei"
+    ):
         centres_per_site.append(centres)
         samples.append(sample)
     sample = np.concatenate(samples, axis=1)
     low = np.percentile(sample, low_pct, axis=1).astype(np.float32)
     high = np.percentile(sample, high_pct, axis=1).astype(np.float32)
     del samples, sample
-    log.info("plate %s: rescale %s", plate, {c: (float(lo), float(hi)) for c, lo, hi in zip(channels, low, high)})
+    log.info(
+        "plate %s: rescale %s", plate, {c: (float(lo), float(hi)) for c, lo, hi in zip(channels, low, high)}
+    )
 
     metadata_columns = [c for c in sites.columns if c.startswith("Metadata_") and c not in CELL_ID_COLUMNS]
     tables = []
@@ -432,24 +452,39 @@ def add_site_arguments(parser: argparse.ArgumentParser, *, out_help: str) -> Non
     parser.add_argument("--plate", required=True)
     parser.add_argument("--out", required=True, help=out_help)
     parser.add_argument("--illum", default=None, help="illum/<plate> folder; omit when illumination is off")
-    parser.add_argument("--channels", nargs="+", default=None,
-                        help="canonical channel order (default: the manifest's Path_ columns)")
+    parser.add_argument(
+        "--channels",
+        nargs="+",
+        default=None,
+        help="canonical channel order (default: the manifest's Path_ columns)",
+    )
     add_nuclei_arguments(parser)
 
 
 def add_nuclei_arguments(parser: argparse.ArgumentParser) -> None:
     """Nucleus options shared by ``cells`` and ``classic`` (config section ``cells``)."""
     group = parser.add_argument_group("nuclei (config section cells)")
-    group.add_argument("--nuclei", choices=("segment", "locations"), default="segment",
-                       help="segment the DNA channel, or use given centres as seeds")
+    group.add_argument(
+        "--nuclei",
+        choices=("segment", "locations"),
+        default="segment",
+        help="segment the DNA channel, or use given centres as seeds",
+    )
     group.add_argument("--nuclei-channel", default="DNA", help="channel nuclei are found in")
-    group.add_argument("--locations-root", default=None, help="folder of nucleus-centre CSVs (--nuclei locations)")
-    group.add_argument("--locations-pattern", default="{plate}/{well}-{site}-Nuclei.csv",
-                       help="CSV path under --locations-root, with {plate} {well} {site}")
+    group.add_argument(
+        "--locations-root", default=None, help="folder of nucleus-centre CSVs (--nuclei locations)"
+    )
+    group.add_argument(
+        "--locations-pattern",
+        default="{plate}/{well}-{site}-Nuclei.csv",
+        help="CSV path under --locations-root, with {plate} {well} {site}",
+    )
     group.add_argument("--sigma", type=float, default=2.0, help="Gaussian smoothing (px) before thresholding")
     group.add_argument("--threshold-factor", type=float, default=1.0, help="multiplies the Otsu threshold")
     group.add_argument("--min-area", type=int, default=80, help="smallest nucleus kept (px²)")
-    group.add_argument("--min-distance", type=int, default=10, help="least distance between nucleus seeds (px)")
+    group.add_argument(
+        "--min-distance", type=int, default=10, help="least distance between nucleus seeds (px)"
+    )
 
 
 def nuclei_cli_args(section: dict) -> str:
@@ -457,13 +492,20 @@ def nuclei_cli_args(section: dict) -> str:
     import shlex
 
     args = [
-        "--nuclei", section["nuclei"],
-        "--nuclei-channel", section["nuclei_channel"],
-        "--locations-pattern", section["locations_pattern"],
-        "--sigma", section["sigma"],
-        "--threshold-factor", section["threshold_factor"],
-        "--min-area", section["min_area"],
-        "--min-distance", section["min_distance"],
+        "--nuclei",
+        section["nuclei"],
+        "--nuclei-channel",
+        section["nuclei_channel"],
+        "--locations-pattern",
+        section["locations_pattern"],
+        "--sigma",
+        section["sigma"],
+        "--threshold-factor",
+        section["threshold_factor"],
+        "--min-area",
+        section["min_area"],
+        "--min-distance",
+        section["min_distance"],
     ]
     if section.get("locations_root"):
         args += ["--locations-root", section["locations_root"]]
@@ -501,14 +543,21 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser("cells", help="single-cell crops of one plate",
-                                   description=__doc__.splitlines()[0])
+    parser = subparsers.add_parser(
+        "cells", help="single-cell crops of one plate", description=__doc__.splitlines()[0]
+    )
     add_site_arguments(parser, out_help="cells/<plate>.npy (N_cells, C, s, s) float16")
     parser.add_argument("--table", required=True, help="cells/<plate>.cells.parquet")
     parser.add_argument("--box-size", type=int, default=128, help="box around each nucleus (full-res px)")
     parser.add_argument("--crop-size", type=int, default=96, help="stored crop edge (px)")
-    parser.add_argument("--percentiles", type=float, nargs=2, default=[0.1, 99.9], metavar=("LOW", "HIGH"),
-                        help="per-plate-and-channel percentiles mapped to 0 and 1 (tiles.percentiles)")
+    parser.add_argument(
+        "--percentiles",
+        type=float,
+        nargs=2,
+        default=[0.1, 99.9],
+        metavar=("LOW", "HIGH"),
+        help="per-plate-and-channel percentiles mapped to 0 and 1 (tiles.percentiles)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="processes for the per-site pass")
     parser.set_defaults(func=_run)

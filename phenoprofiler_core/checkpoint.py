@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -27,8 +28,10 @@ _MAX_NAMED = 12  # keys listed per category in an error message
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     )
 
 
@@ -55,7 +58,7 @@ def unwrap_state_dict(obj: Any, *, source: str = "checkpoint") -> dict[str, torc
         obj = inner
     state = dict(obj)
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -65,8 +68,13 @@ def _fmt(keys: list[str]) -> str:
     return f"[{shown}{more}]"
 
 
-def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint",
-                     allowed_missing: tuple[str, ...] = ALLOWED_MISSING_PREFIXES) -> None:
+def check_state_dict(
+    model: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    source: str = "checkpoint",
+    allowed_missing: tuple[str, ...] = ALLOWED_MISSING_PREFIXES,
+) -> None:
     """Raise :class:`DataError` naming every missing, unexpected and mis-shaped key."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.startswith(allowed_missing)]
@@ -87,8 +95,9 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
         raise DataError(f"{source} does not match the model: " + "; ".join(problems))
 
 
-def load_published(model: PhenoProfilerModel, path: str | os.PathLike | Mapping[str, Any], *,
-                   source: str | None = None) -> PhenoProfilerModel:
+def load_published(
+    model: PhenoProfilerModel, path: str | os.PathLike | Mapping[str, Any], *, source: str | None = None
+) -> PhenoProfilerModel:
     """Load published PhenoProfiler weights into ``model`` (in place) and return it in eval mode.
 
     ``path`` may be a file or an already loaded object.  Every key of the model must be present
@@ -104,7 +113,9 @@ def load_published(model: PhenoProfilerModel, path: str | os.PathLike | Mapping[
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise DataError(f"{path}: cannot read as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+            raise DataError(
+                f"{path}: cannot read as a PyTorch checkpoint ({type(exc).__name__}: {exc})"
+            ) from exc
     state = unwrap_state_dict(obj, source=source)
     check_state_dict(model, state, source=source)
     model.load_state_dict(state, strict=False)  # strictness enforced above, minus allowed-missing heads
@@ -132,8 +143,14 @@ def load_trained(path: str | os.PathLike) -> tuple[PhenoProfilerModel, dict[str,
         raise ConfigError(f"checkpoint not found: {path}")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(ckpt, Mapping) or "model_state" not in ckpt or "model_config" not in ckpt:
-        raise DataError(f"{path}: not a checkpoint written by 'phenoprofiler train' (no model_state/model_config)")
-    model = create_model(ckpt["model_config"], in_channels=int(ckpt["in_channels"]),
-                         num_classes=len(ckpt.get("classes", [])), target_dim=ckpt.get("target_dim"))
+        raise DataError(
+            f"{path}: not a checkpoint written by 'phenoprofiler train' (no model_state/model_config)"
+        )
+    model = create_model(
+        ckpt["model_config"],
+        in_channels=int(ckpt["in_channels"]),
+        num_classes=len(ckpt.get("classes", [])),
+        target_dim=ckpt.get("target_dim"),
+    )
     model.load_state_dict(ckpt["model_state"], strict=True)
     return model.eval(), dict(ckpt)

@@ -48,8 +48,8 @@ import functools
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -112,7 +112,11 @@ class ClassicOptions:
 
 
 def segment_cells(
-    image: np.ndarray, channels: Sequence[str], nuclei: np.ndarray, options: ClassicOptions, nuclei_channel: str = "DNA"
+    image: np.ndarray,
+    channels: Sequence[str],
+    nuclei: np.ndarray,
+    options: ClassicOptions,
+    nuclei_channel: str = "DNA",
 ) -> np.ndarray:
     """Cell labels (same numbers as ``nuclei``) grown from the nuclei into the cell channel's foreground."""
     from skimage import filters, segmentation
@@ -123,12 +127,18 @@ def segment_cells(
     else:
         others = [i for i, c in enumerate(channels) if c != nuclei_channel] or list(range(len(channels)))
         cyto = image[others].mean(axis=0)
-    smoothed = filters.gaussian(cyto, sigma=options.cell_sigma, preserve_range=True) if options.cell_sigma > 0 else cyto
+    smoothed = (
+        filters.gaussian(cyto, sigma=options.cell_sigma, preserve_range=True)
+        if options.cell_sigma > 0
+        else cyto
+    )
     if float(smoothed.max()) > float(smoothed.min()):
         # Three-class Otsu, lower threshold (CellProfiler's "three classes, middle to foreground"): the cell
         # channel has dim cytoplasm between dark background and bright perinuclear signal, and two-class Otsu
         # puts the cytoplasm into background.
-        foreground = smoothed > filters.threshold_multiotsu(smoothed, classes=3)[0] * options.cell_threshold_factor
+        foreground = (
+            smoothed > filters.threshold_multiotsu(smoothed, classes=3)[0] * options.cell_threshold_factor
+        )
     else:
         foreground = np.zeros(cyto.shape, bool)
     reach = segmentation.expand_labels(nuclei, distance=options.max_expansion) > 0
@@ -166,7 +176,11 @@ def _intensity_stats(labels: np.ndarray, image: np.ndarray, n: int) -> dict[str,
         if span > 0:
             key += (values - low) * (0.5 / span)
         ordered = values[np.argsort(key)]
-        for name, q in (("LowerQuartileIntensity", 0.25), ("MedianIntensity", 0.5), ("UpperQuartileIntensity", 0.75)):
+        for name, q in (
+            ("LowerQuartileIntensity", 0.25),
+            ("MedianIntensity", 0.5),
+            ("UpperQuartileIntensity", 0.75),
+        ):
             position = starts + np.floor(q * last).astype(np.int64)
             out[name][has, c] = ordered[position[has]]
     return out
@@ -180,14 +194,28 @@ def _shape(labels: np.ndarray, n: int) -> dict[str, np.ndarray]:
     # hull behind Solidity dominates, so regionprops does it all.
     props = regionprops_table(
         labels,
-        properties=("label", "area", "perimeter", "eccentricity", "solidity", "extent",
-                    "axis_major_length", "axis_minor_length"),
+        properties=(
+            "label",
+            "area",
+            "perimeter",
+            "eccentricity",
+            "solidity",
+            "extent",
+            "axis_major_length",
+            "axis_minor_length",
+        ),
     )
     out = {m: np.full(n, np.nan) for m in SHAPE_MEASURES}
     index = props["label"] - 1
-    for measure, prop in (("Area", "area"), ("Perimeter", "perimeter"), ("Eccentricity", "eccentricity"),
-                          ("Solidity", "solidity"), ("Extent", "extent"), ("MajorAxisLength", "axis_major_length"),
-                          ("MinorAxisLength", "axis_minor_length")):
+    for measure, prop in (
+        ("Area", "area"),
+        ("Perimeter", "perimeter"),
+        ("Eccentricity", "eccentricity"),
+        ("Solidity", "solidity"),
+        ("Extent", "extent"),
+        ("MajorAxisLength", "axis_major_length"),
+        ("MinorAxisLength", "axis_minor_length"),
+    ):
         out[measure][index] = props[prop]
     with np.errstate(invalid="ignore", divide="ignore"):
         out["FormFactor"] = 4 * np.pi * out["Area"] / out["Perimeter"] ** 2
@@ -202,7 +230,9 @@ def quantize(plane: np.ndarray, mask: np.ndarray, levels: int) -> np.ndarray:
     return np.clip((plane / top * levels).astype(np.int64), 0, levels - 1)
 
 
-def _texture(labels: np.ndarray, plane: np.ndarray, n: int, levels: int, distance: int) -> dict[str, np.ndarray]:
+def _texture(
+    labels: np.ndarray, plane: np.ndarray, n: int, levels: int, distance: int
+) -> dict[str, np.ndarray]:
     """Haralick features of each object's symmetric GLCM (4 directions pooled), all objects in one pass."""
     grey = quantize(plane, labels > 0, levels)
     h, w = labels.shape
@@ -279,7 +309,9 @@ def object_features(
     cell_index = cells.ravel()
     cell_count = np.bincount(cell_index, minlength=n + 1)[1:].astype(np.float64)
     for c, channel in enumerate(channels):
-        for measure, values in _texture(cells, image[c], n, options.texture_levels, options.texture_distance).items():
+        for measure, values in _texture(
+            cells, image[c], n, options.texture_levels, options.texture_distance
+        ).items():
             columns[f"Cells_Texture_{measure}_{channel}_{options.texture_distance}"] = values
         gradient = np.bincount(cell_index, sobel(image[c]).ravel(), minlength=n + 1)[1:]
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -289,7 +321,9 @@ def object_features(
     table = pd.DataFrame(columns)
     table.insert(0, "ObjectNumber", np.arange(1, n + 1))
     # Labels without pixels (two given centres on one pixel) are not objects.
-    return table[np.isfinite(table["Nuclei_AreaShape_Area"]) & (table["Nuclei_AreaShape_Area"] > 0)].reset_index(drop=True)
+    return table[
+        np.isfinite(table["Nuclei_AreaShape_Area"]) & (table["Nuclei_AreaShape_Area"] > 0)
+    ].reset_index(drop=True)
 
 
 def feature_names(channels: Sequence[str], options: ClassicOptions = ClassicOptions()) -> list[str]:
@@ -374,10 +408,15 @@ def run_classic(
     sites = read_manifest(manifest, plate)
     channels = manifest_channels(sites, channels)
     if nuclei.channel not in channels:
-        raise ConfigError(f"nucleus channel {nuclei.channel!r} (cells.nuclei_channel) is not among channels {channels}")
+        raise ConfigError(
+            f"nucleus channel {nuclei.channel!r} (cells.nuclei_channel) is not among channels {channels}"
+        )
     if options.cell_channel and options.cell_channel not in channels:
-        log.warning("classic.cell_channel %r not among %s: cells grow into the mean of the other channels",
-                    options.cell_channel, channels)
+        log.warning(
+            "classic.cell_channel %r not among %s: cells grow into the mean of the other channels",
+            options.cell_channel,
+            channels,
+        )
     illum = str(illum_dir) if illum_dir is not None else None
     load_illumination(illum, channels)  # fail before any work when a function is missing
     names = feature_names(channels, options)
@@ -387,8 +426,12 @@ def run_classic(
     features = pd.DataFrame.from_records(records, columns=names).astype(np.float32)
     empty = features["Count_Nuclei"] == 0
     for i in np.flatnonzero(empty.to_numpy()):
-        log.warning("plate %s well %s site %s: no nuclei; per-cell features are NaN",
-                    plate, rows[i]["Metadata_Well"], rows[i]["Metadata_Site"])
+        log.warning(
+            "plate %s well %s site %s: no nuclei; per-cell features are NaN",
+            plate,
+            rows[i]["Metadata_Well"],
+            rows[i]["Metadata_Site"],
+        )
     metadata = sites[[c for c in sites.columns if c.startswith("Metadata_")]].reset_index(drop=True)
     table = pd.concat([metadata, features], axis=1)
     io.write_parquet(table, out)
@@ -420,15 +463,29 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser("classic", help="hand-crafted CellProfiler-like features per site",
-                                   description=__doc__.splitlines()[0])
+    parser = subparsers.add_parser(
+        "classic",
+        help="hand-crafted CellProfiler-like features per site",
+        description=__doc__.splitlines()[0],
+    )
     add_site_arguments(parser, out_help="features/classic/<plate>.parquet")
-    parser.add_argument("--cell-channel", default="AGP",
-                        help="channel cells grow into ('' = mean of the non-nucleus channels)")
+    parser.add_argument(
+        "--cell-channel",
+        default="AGP",
+        help="channel cells grow into ('' = mean of the non-nucleus channels)",
+    )
     parser.add_argument("--cell-sigma", type=float, default=2.0, help="smoothing (px) of the cell channel")
-    parser.add_argument("--cell-threshold-factor", type=float, default=1.0, help="multiplies its Otsu threshold")
-    parser.add_argument("--max-expansion", type=int, default=40, help="farthest a cell reaches from its nucleus (px)")
-    parser.add_argument("--texture-levels", type=int, default=8, help="grey levels of the co-occurrence matrices")
-    parser.add_argument("--texture-distance", type=int, default=3, help="pixel distance of the co-occurrence pairs")
+    parser.add_argument(
+        "--cell-threshold-factor", type=float, default=1.0, help="multiplies its Otsu threshold"
+    )
+    parser.add_argument(
+        "--max-expansion", type=int, default=40, help="farthest a cell reaches from its nucleus (px)"
+    )
+    parser.add_argument(
+        "--texture-levels", type=int, default=8, help="grey levels of the co-occurrence matrices"
+    )
+    parser.add_argument(
+        "--texture-distance", type=int, default=3, help="pixel distance of the co-occurrence pairs"
+    )
     parser.add_argument("--workers", type=int, default=1, help="processes (sites in parallel)")
     parser.set_defaults(func=_run)

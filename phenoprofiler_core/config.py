@@ -59,9 +59,7 @@ def validate_config(config: dict, schema: dict | None = None, *, source: str = "
                 unexpected = sorted(set(error.instance) - set(allowed))
                 prefix = f"{where}." if error.absolute_path else ""
                 for key in unexpected:
-                    lines.append(
-                        f"unknown config key '{prefix}{key}' (allowed here: {', '.join(allowed)})"
-                    )
+                    lines.append(f"unknown config key '{prefix}{key}' (allowed here: {', '.join(allowed)})")
             else:
                 lines.append(f"config key '{where}': {error.message}")
         raise ConfigError(f"{source}: " + "; ".join(lines))
@@ -80,7 +78,9 @@ def _check_consistency(config: dict, source: str) -> None:
             f"{sorted(known)}"
         )
     if images["layout"] == "pattern" and not images.get("pattern"):
-        raise ConfigError(f"{source}: config key 'images.pattern' is required when images.layout is 'pattern'")
+        raise ConfigError(
+            f"{source}: config key 'images.pattern' is required when images.layout is 'pattern'"
+        )
     train = config.get("train") or {}
     processes = (train.get("distributed") or {}).get("processes", 1)
     if "batch_size" in train and train["batch_size"] % processes:
@@ -89,7 +89,9 @@ def _check_consistency(config: dict, source: str) -> None:
             f"train.distributed.processes ({processes}): it is the global batch, split evenly over the processes"
         )
     if images["layout"] == "loaddata" and not images.get("loaddata"):
-        raise ConfigError(f"{source}: config key 'images.loaddata' is required when images.layout is 'loaddata'")
+        raise ConfigError(
+            f"{source}: config key 'images.loaddata' is required when images.layout is 'loaddata'"
+        )
 
 
 def load_config(path: str | Path) -> dict:

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,15 +54,21 @@ def distributed_options(options: Any) -> dict[str, Any]:
         raise ConfigError(f"train.distributed must be a mapping, got {options!r}")
     unknown = sorted(set(options) - set(DISTRIBUTED_DEFAULTS))
     if unknown:
-        raise ConfigError(f"unknown key(s) in config section 'train.distributed': {unknown}; "
-                          f"known: {sorted(DISTRIBUTED_DEFAULTS)}")
+        raise ConfigError(
+            f"unknown key(s) in config section 'train.distributed': {unknown}; "
+            f"known: {sorted(DISTRIBUTED_DEFAULTS)}"
+        )
     out = {**DISTRIBUTED_DEFAULTS, **options}
     if not isinstance(out["processes"], int) or isinstance(out["processes"], bool) or out["processes"] < 1:
         raise ConfigError(f"train.distributed.processes must be an integer >= 1, got {out['processes']!r}")
     if out["backend"] not in BACKENDS:
-        raise ConfigError(f"train.distributed.backend must be one of {list(BACKENDS)}, got {out['backend']!r}")
+        raise ConfigError(
+            f"train.distributed.backend must be one of {list(BACKENDS)}, got {out['backend']!r}"
+        )
     if not isinstance(out["sync_batchnorm"], bool):
-        raise ConfigError(f"train.distributed.sync_batchnorm must be true or false, got {out['sync_batchnorm']!r}")
+        raise ConfigError(
+            f"train.distributed.sync_batchnorm must be true or false, got {out['sync_batchnorm']!r}"
+        )
     return out
 
 
@@ -118,20 +125,28 @@ def launched_world() -> tuple[int, int, int, int]:
 def init_distributed(options: dict[str, Any], device: torch.device) -> tuple[DistContext, torch.device]:
     """Join (or create) the process group when launched by torchrun; return the context and this
     rank's device (``cuda:<LOCAL_RANK>`` on GPUs)."""
-    rank, world, local_rank, local_world = launched_world()
+    _rank, world, local_rank, local_world = launched_world()
     if world <= 1:
         if options["processes"] > 1:
-            log.warning("train.distributed.processes is %d but this process was not launched by torchrun "
-                        "(no WORLD_SIZE): training in one process on the same global batches",
-                        options["processes"])
+            log.warning(
+                "train.distributed.processes is %d but this process was not launched by torchrun "
+                "(no WORLD_SIZE): training in one process on the same global batches",
+                options["processes"],
+            )
         return DistContext(), device
     if world != options["processes"]:
-        log.warning("launched with %d processes but train.distributed.processes is %d; using %d",
-                    world, options["processes"], world)
+        log.warning(
+            "launched with %d processes but train.distributed.processes is %d; using %d",
+            world,
+            options["processes"],
+            world,
+        )
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"train.distributed.processes: local rank {local_rank} has no GPU "
-                              f"(only {torch.cuda.device_count()} visible)")
+            raise ConfigError(
+                f"train.distributed.processes: local rank {local_rank} has no GPU "
+                f"(only {torch.cuda.device_count()} visible)"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = options["backend"]
@@ -144,9 +159,16 @@ def init_distributed(options: dict[str, Any], device: torch.device) -> tuple[Dis
         torch.distributed.init_process_group(backend=backend)
         owns = True
     if torch.distributed.get_world_size() != world:
-        raise RuntimeError(f"process group has {torch.distributed.get_world_size()} ranks, WORLD_SIZE says {world}")
-    ctx = DistContext(rank=torch.distributed.get_rank(), world_size=world, local_rank=local_rank,
-                      local_world_size=local_world, owns_group=owns)
+        raise RuntimeError(
+            f"process group has {torch.distributed.get_world_size()} ranks, WORLD_SIZE says {world}"
+        )
+    ctx = DistContext(
+        rank=torch.distributed.get_rank(),
+        world_size=world,
+        local_rank=local_rank,
+        local_world_size=local_world,
+        owns_group=owns,
+    )
     log.info("distributed training: rank %d of %d (%s, backend %s)", ctx.rank, world, device, backend)
     return ctx, device
 
@@ -163,7 +185,7 @@ def shard(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
     """Rank ``rank``'s contiguous slice of a global batch (rank order = global order)."""
     sizes = shard_sizes(len(batch), world_size)
     start = sum(sizes[:rank])
-    return list(batch[start:start + sizes[rank]])
+    return list(batch[start : start + sizes[rank]])
 
 
 def gather_rows(x: torch.Tensor, counts: Sequence[int], *, grad: bool) -> torch.Tensor:
@@ -236,7 +258,9 @@ class SyncBatchNormMixin:
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if not (self.training and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        if not (
+            self.training and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        ):
             return super().forward(x)  # type: ignore[misc]
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
@@ -246,7 +270,9 @@ class SyncBatchNormMixin:
         sums = _all_reduce_sum(torch.cat([xf.sum(dims), local_count]))
         count = sums[-1].detach()
         if float(count) < 2:
-            raise ValueError(f"synchronised BatchNorm needs more than 1 value per channel over all ranks, got {count}")
+            raise ValueError(
+                f"synchronised BatchNorm needs more than 1 value per channel over all ranks, got {count}"
+            )
         mean = sums[:-1] / count
         centred = xf - mean.view(shape)
         var = _all_reduce_sum((centred * centred).sum(dims)) / count
@@ -257,7 +283,9 @@ class SyncBatchNormMixin:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                self.running_mean.mul_(1 - factor).add_(mean.detach().to(self.running_mean.dtype), alpha=factor)
+                self.running_mean.mul_(1 - factor).add_(
+                    mean.detach().to(self.running_mean.dtype), alpha=factor
+                )
                 unbiased = var.detach() * (count / (count - 1))
                 self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
         y = y.to(x.dtype)
@@ -287,8 +315,12 @@ def convert_sync_batchnorm(model: nn.Module) -> int:
         cls = type(module)
         if not isinstance(module, _BatchNorm) or isinstance(module, SyncBatchNormMixin):
             continue
-        overrides_forward = cls.forward not in (nn.BatchNorm1d.forward, nn.BatchNorm2d.forward, nn.BatchNorm3d.forward)
-        if overrides_forward and not _is_norm_act(module) or isinstance(module, nn.SyncBatchNorm):
+        overrides_forward = cls.forward not in (
+            nn.BatchNorm1d.forward,
+            nn.BatchNorm2d.forward,
+            nn.BatchNorm3d.forward,
+        )
+        if (overrides_forward and not _is_norm_act(module)) or isinstance(module, nn.SyncBatchNorm):
             log.warning("BatchNorm layer %s (%s) is left unsynchronised: unknown forward", name, cls.__name__)
             continue
         if cls not in _SYNC_CLASSES:
@@ -308,7 +340,16 @@ def all_gather_objects(ctx: DistContext, obj: Any) -> list[Any]:
 
 
 __all__ = [
-    "DISTRIBUTED_DEFAULTS", "distributed_options", "check_batch_size", "DistContext", "launched_world",
-    "init_distributed", "shard_sizes", "shard", "gather_rows", "SyncBatchNormMixin", "convert_sync_batchnorm",
+    "DISTRIBUTED_DEFAULTS",
+    "DistContext",
+    "SyncBatchNormMixin",
     "all_gather_objects",
+    "check_batch_size",
+    "convert_sync_batchnorm",
+    "distributed_options",
+    "gather_rows",
+    "init_distributed",
+    "launched_world",
+    "shard",
+    "shard_sizes",
 ]

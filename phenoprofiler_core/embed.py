@@ -21,9 +21,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,7 +35,15 @@ from . import io
 from .checkpoint import load_trained, published_model
 from .errors import ConfigError, DataError
 from .model import PhenoProfilerModel, create_model, inference_model
-from .train import SITE_KEYS, _normalise_keys, config_sections, image_to_float, open_images, pick_device, seed_everything
+from .train import (
+    SITE_KEYS,
+    _normalise_keys,
+    config_sections,
+    image_to_float,
+    open_images,
+    pick_device,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +62,7 @@ class EmbedConfig:
     published_weights: str | None = None
 
     @classmethod
-    def from_dict(cls, options: Mapping[str, Any] | None) -> "EmbedConfig":
+    def from_dict(cls, options: Mapping[str, Any] | None) -> EmbedConfig:
         options = dict(options or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
@@ -63,10 +72,19 @@ class EmbedConfig:
         cfg.compile = str(cfg.compile).lower()
         checks = [
             (cfg.batch_size >= 1, f"embed.batch_size must be >= 1, got {cfg.batch_size}"),
-            (cfg.level in ("auto", "site", "cell"), f"embed.level must be auto, site or cell, got {cfg.level!r}"),
+            (
+                cfg.level in ("auto", "site", "cell"),
+                f"embed.level must be auto, site or cell, got {cfg.level!r}",
+            ),
             (cfg.device in ("auto", "cpu", "cuda"), f"embed.device: unknown value {cfg.device!r}"),
-            (cfg.precision in ("fp32", "bf16", "fp16", "auto"), f"embed.precision: unknown value {cfg.precision!r}"),
-            (cfg.compile in ("auto", "true", "false"), f"embed.compile must be auto, true or false, got {cfg.compile!r}"),
+            (
+                cfg.precision in ("fp32", "bf16", "fp16", "auto"),
+                f"embed.precision: unknown value {cfg.precision!r}",
+            ),
+            (
+                cfg.compile in ("auto", "true", "false"),
+                f"embed.compile must be auto, true or false, got {cfg.compile!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -126,10 +144,20 @@ def embed_array(model: PhenoProfilerModel, array: np.ndarray, cfg: EmbedConfig) 
     n_batches = -(-n // cfg.batch_size)
     runner = _maybe_compile(fast, cfg.compile, n_batches)
     compiled = runner is not fast
-    log.info("embedding %d images on %s: folded inference model, %s, %s", n, device,
-             "compiled" if compiled else "eager", f"autocast {amp_dtype}" if amp_dtype else "fp32")
-    loader = DataLoader(_Images(array), batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda")
+    log.info(
+        "embedding %d images on %s: folded inference model, %s, %s",
+        n,
+        device,
+        "compiled" if compiled else "eager",
+        f"autocast {amp_dtype}" if amp_dtype else "fp32",
+    )
+    loader = DataLoader(
+        _Images(array),
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+    )
     from tqdm import tqdm
 
     position = 0
@@ -144,15 +172,24 @@ def embed_array(model: PhenoProfilerModel, array: np.ndarray, cfg: EmbedConfig) 
                     result = runner(batch)
             else:
                 result = runner(batch)
-            out[position:position + k] = result[:k].float().cpu().numpy()
+            out[position : position + k] = result[:k].float().cpu().numpy()
             position += k
     if not np.isfinite(out).all():
-        raise DataError(f"embedding produced non-finite values for {int((~np.isfinite(out)).any(1).sum())} image(s)")
+        raise DataError(
+            f"embedding produced non-finite values for {int((~np.isfinite(out)).any(1).sum())} image(s)"
+        )
     return out
 
 
-def embed_plate(model: PhenoProfilerModel, plate: str, *, level: str, tiles_dir: str | Path | None,
-                cells_dir: str | Path | None, cfg: EmbedConfig) -> pd.DataFrame:
+def embed_plate(
+    model: PhenoProfilerModel,
+    plate: str,
+    *,
+    level: str,
+    tiles_dir: str | Path | None,
+    cells_dir: str | Path | None,
+    cfg: EmbedConfig,
+) -> pd.DataFrame:
     """Per-site embedding table of one plate (Metadata_* + emb_* float32)."""
     if level == "cell":
         if cells_dir is None:
@@ -189,9 +226,15 @@ def embed_plate(model: PhenoProfilerModel, plate: str, *, level: str, tiles_dir:
     return site_meta.merge(per_site, on=SITE_KEYS, how="inner")
 
 
-def build_model(kind: str, *, checkpoint: str | None = None, published: str | None = None,
-                model_options: Mapping[str, Any] | None = None, in_channels: int | None = None,
-                seed: int = 0) -> tuple[PhenoProfilerModel, str]:
+def build_model(
+    kind: str,
+    *,
+    checkpoint: str | None = None,
+    published: str | None = None,
+    model_options: Mapping[str, Any] | None = None,
+    in_channels: int | None = None,
+    seed: int = 0,
+) -> tuple[PhenoProfilerModel, str]:
     """(model, training level) for ``kind`` in trained | untrained | published."""
     if kind == "trained":
         model, meta = load_trained(checkpoint)
@@ -213,8 +256,15 @@ def _run(args) -> None:
     cfg = EmbedConfig.from_dict(options.get("embed"))
     if args.batch_size:
         cfg.batch_size = args.batch_size
-    kinds = [k for k, v in (("trained", args.checkpoint), ("untrained", args.untrained),
-                            ("published", args.published)) if v]
+    kinds = [
+        k
+        for k, v in (
+            ("trained", args.checkpoint),
+            ("untrained", args.untrained),
+            ("published", args.published),
+        )
+        if v
+    ]
     if len(kinds) != 1:
         raise ConfigError("give exactly one of --checkpoint PATH, --untrained, --published PATH")
     in_channels = None
@@ -223,20 +273,38 @@ def _run(args) -> None:
     elif args.cells_dir and (Path(args.cells_dir) / f"{args.plate}.npy").is_file():
         in_channels = int(np.load(Path(args.cells_dir) / f"{args.plate}.npy", mmap_mode="r").shape[1])
     if kinds[0] == "published" and in_channels not in (None, 5):
-        raise ConfigError(f"published weights expect 5 channels (DNA, ER, RNA, AGP, Mito); the data has {in_channels}")
+        raise ConfigError(
+            f"published weights expect 5 channels (DNA, ER, RNA, AGP, Mito); the data has {in_channels}"
+        )
     seed = args.seed if args.seed is not None else int(options.get("seed", 0))
-    model, trained_level = build_model(kinds[0], checkpoint=args.checkpoint, published=args.published,
-                                       model_options=options.get("model"), in_channels=in_channels, seed=seed)
+    model, trained_level = build_model(
+        kinds[0],
+        checkpoint=args.checkpoint,
+        published=args.published,
+        model_options=options.get("model"),
+        in_channels=in_channels,
+        seed=seed,
+    )
     level = trained_level if cfg.level == "auto" else cfg.level
-    table = embed_plate(model, args.plate, level=level, tiles_dir=args.tiles_dir, cells_dir=args.cells_dir, cfg=cfg)
+    table = embed_plate(
+        model, args.plate, level=level, tiles_dir=args.tiles_dir, cells_dir=args.cells_dir, cfg=cfg
+    )
     io.write_parquet(table, args.out)
-    log.info("wrote %s (%d sites × %d features, %s level)", args.out, len(table),
-             sum(c.startswith("emb_") for c in table.columns), level)
+    log.info(
+        "wrote %s (%d sites × %d features, %s level)",
+        args.out,
+        len(table),
+        sum(c.startswith("emb_") for c in table.columns),
+        level,
+    )
 
 
 def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("embed", help="per-site embeddings from a trained, untrained or published model",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "embed",
+        help="per-site embeddings from a trained, untrained or published model",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("--plate", required=True)
     p.add_argument("--tiles-dir", help="folder with <plate>.npy + <plate>.sites.parquet")
     p.add_argument("--cells-dir", help="folder with <plate>.npy + <plate>.cells.parquet (cell level)")
@@ -244,9 +312,13 @@ def register_cli(subparsers) -> None:
     p.add_argument("--untrained", action="store_true", help="seeded random weights of the configured model")
     p.add_argument("--published", help="published PhenoProfiler weights (plain state dict)")
     p.add_argument("--configfile", help="dataset config YAML (its model, embed and seed sections are used)")
-    p.add_argument("--config-json", help="JSON (inline or a file) with 'model', 'embed', 'seed'; overrides --configfile")
+    p.add_argument(
+        "--config-json", help="JSON (inline or a file) with 'model', 'embed', 'seed'; overrides --configfile"
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--batch-size", type=int, help="override embed.batch_size")
-    p.add_argument("--seed", type=int, default=None, help="seed of the untrained model (default: config 'seed' or 0)")
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of the untrained model (default: config 'seed' or 0)"
+    )
     p.add_argument("--out", required=True, help="output features/<set>/<plate>.parquet")
     p.set_defaults(func=_run)

@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -90,27 +90,35 @@ def activity_map(
         raise DataError("activity mAP: no negative-control wells (Metadata_pert_type == 'negcon')")
     # A unique reference index per control well: controls are never each other's replicates, and
     # a pair is negative only when it joins a treatment well with a control well.
-    meta = assign_reference_index(meta, "Metadata_negcon", reference_col="Metadata_reference_index", default_value=-1)
+    meta = assign_reference_index(
+        meta, "Metadata_negcon", reference_col="Metadata_reference_index", default_value=-1
+    )
     feats = wells[features].to_numpy(dtype=np.float64)
     try:
         ap = copairs_map.average_precision(
-            meta, feats,
-            pos_sameby=["Metadata_TreatmentId", "Metadata_reference_index"], pos_diffby=[],
+            meta,
+            feats,
+            pos_sameby=["Metadata_TreatmentId", "Metadata_reference_index"],
+            pos_diffby=[],
             neg_sameby=["Metadata_Plate"] if same_plate_negcon else [],
             neg_diffby=["Metadata_negcon", "Metadata_reference_index"],
             progress_bar=False,
         )
     except UnpairedException as exc:
         log.warning("activity mAP: %s (no treatment has two wells?) - writing an empty table", exc)
-        return pd.DataFrame(columns=list(TREATMENT_COLUMNS) + ["n_wells", "mean_average_precision", "p_value",
-                                                              "corrected_p_value", "below_corrected_p"])
+        return pd.DataFrame(
+            columns=list(TREATMENT_COLUMNS)
+            + ["n_wells", "mean_average_precision", "p_value", "corrected_p_value", "below_corrected_p"]
+        )
     ap = ap[~ap["Metadata_negcon"]]
     result = copairs_map.mean_average_precision(
         ap, ["Metadata_TreatmentId"], null_size=null_size, threshold=threshold, seed=seed, progress_bar=False
     ).drop(columns=["indices"], errors="ignore")
-    info = wells.groupby("Metadata_TreatmentId").agg(
-        **{c: (c, "first") for c in TREATMENT_COLUMNS[1:]}, n_wells=("Metadata_Well", "size")
-    ).reset_index()
+    info = (
+        wells.groupby("Metadata_TreatmentId")
+        .agg(**{c: (c, "first") for c in TREATMENT_COLUMNS[1:]}, n_wells=("Metadata_Well", "size"))
+        .reset_index()
+    )
     result = info.merge(result, on="Metadata_TreatmentId", how="inner")
     return result.sort_values("Metadata_TreatmentId").reset_index(drop=True)
 
@@ -126,10 +134,18 @@ def consistency_map(
 ) -> pd.DataFrame:
     """copairs multilabel MoA consistency on consensus (treatment-level) profiles, per MoA label."""
     copairs_map, UnpairedException = _copairs_map()
-    keep = (consensus["Metadata_pert_type"] != "negcon") & (consensus["Metadata_moa"].map(metrics.split_moa).map(len) > 0)
+    keep = (consensus["Metadata_pert_type"] != "negcon") & (
+        consensus["Metadata_moa"].map(metrics.split_moa).map(len) > 0
+    )
     table = consensus[keep].reset_index(drop=True)
-    columns = ["Metadata_moa_label", "n_treatments", "mean_average_precision", "p_value", "corrected_p_value",
-               "below_corrected_p"]
+    columns = [
+        "Metadata_moa_label",
+        "n_treatments",
+        "mean_average_precision",
+        "p_value",
+        "corrected_p_value",
+        "below_corrected_p",
+    ]
     if len(table) < 2:
         log.warning("MoA consistency: fewer than 2 annotated treatments - writing an empty table")
         return pd.DataFrame(columns=columns)
@@ -138,8 +154,14 @@ def consistency_map(
     feats = table[features].to_numpy(dtype=np.float64)
     try:
         ap = copairs_map.multilabel.average_precision(
-            meta, feats, pos_sameby=["Metadata_moa_label"], pos_diffby=[], neg_sameby=[],
-            neg_diffby=["Metadata_moa_label"], multilabel_col="Metadata_moa_label", progress_bar=False,
+            meta,
+            feats,
+            pos_sameby=["Metadata_moa_label"],
+            pos_diffby=[],
+            neg_sameby=[],
+            neg_diffby=["Metadata_moa_label"],
+            multilabel_col="Metadata_moa_label",
+            progress_bar=False,
         )
     except UnpairedException as exc:
         log.warning("MoA consistency: %s (no two treatments share a label) - writing an empty table", exc)
@@ -174,7 +196,9 @@ def foe_map_recall(
 ) -> pd.DataFrame:
     """Per-query FoE, map_ap, map_interpolated and Recall@k% over annotated, non-control treatments."""
     treatments = treatment_means(wells, features)
-    keep = (treatments["Metadata_pert_type"] != "negcon") & (treatments["Metadata_moa"].map(metrics.split_moa).map(len) > 0)
+    keep = (treatments["Metadata_pert_type"] != "negcon") & (
+        treatments["Metadata_moa"].map(metrics.split_moa).map(len) > 0
+    )
     treatments = treatments[keep].reset_index(drop=True)
     if len(treatments) < 2:
         raise DataError(
@@ -189,7 +213,9 @@ def foe_map_recall(
         table[name] = result.foe_v[:, k]
     table["foe_threshold"] = result.foe_threshold
     table["foe_odds_ratio"] = result.foe_odds_ratio
-    table["foe_odds_ratio_published"] = metrics.published_odds_ratio(result.foe_odds_ratio, result.foe_v[:, 3])
+    table["foe_odds_ratio_published"] = metrics.published_odds_ratio(
+        result.foe_odds_ratio, result.foe_v[:, 3]
+    )
     table["foe_p_value"] = result.foe_p_value
     is_query = result.n_positives >= 1
     significant = np.zeros(len(table), dtype=bool)
@@ -213,7 +239,10 @@ def _result_from_table(table: pd.DataFrame) -> metrics.RetrievalResult:
         foe_p_value=table["foe_p_value"].to_numpy(dtype=np.float64),
         average_precision=table["map_ap"].to_numpy(dtype=np.float64),
         interpolated_precision=table["map_interpolated"].to_numpy(dtype=np.float64),
-        recall={int(c[len("recall_top"):-len("pct")]): table[c].to_numpy(dtype=np.float64) for c in recall_columns},
+        recall={
+            int(c[len("recall_top") : -len("pct")]): table[c].to_numpy(dtype=np.float64)
+            for c in recall_columns
+        },
     )
 
 
@@ -251,7 +280,9 @@ def evaluate_profiles(
     profiles_dir, out_dir = Path(profiles_dir), Path(out_dir)
     required = WELL_KEYS + list(TREATMENT_COLUMNS)
     wells, features = _read_profiles(profiles_dir / "selected.parquet", required)
-    consensus, consensus_features = _read_profiles(profiles_dir / "consensus.parquet", list(TREATMENT_COLUMNS))
+    consensus, consensus_features = _read_profiles(
+        profiles_dir / "consensus.parquet", list(TREATMENT_COLUMNS)
+    )
     if same_wells_as:
         shared = common_wells(same_wells_as)
         keys = list(map(tuple, wells[WELL_KEYS].astype(str).to_numpy()))
@@ -259,16 +290,28 @@ def evaluate_profiles(
         if not keep.any():
             raise DataError(f"{profiles_dir}: no wells in common with {list(map(str, same_wells_as))}")
         if not keep.all():
-            log.info("evaluating %d of %d wells (those every set has); consensus recomputed", keep.sum(), len(wells))
+            log.info(
+                "evaluating %d of %d wells (those every set has); consensus recomputed",
+                keep.sum(),
+                len(wells),
+            )
             wells = wells[keep].reset_index(drop=True)
             consensus = consensus_profiles(wells, features, consensus_operation)
             consensus_features = features
-    activity = activity_map(wells, features, null_size=null_size, threshold=threshold, seed=seed,
-                            same_plate_negcon=same_plate_negcon)
-    consistency = consistency_map(consensus, consensus_features, null_size=null_size, threshold=threshold,
-                                  seed=seed, sep=sep)
-    retrieval = foe_map_recall(wells, features, percentile=percentile, recall_percents=recall_percents,
-                               alpha=threshold, sep=sep)
+    activity = activity_map(
+        wells,
+        features,
+        null_size=null_size,
+        threshold=threshold,
+        seed=seed,
+        same_plate_negcon=same_plate_negcon,
+    )
+    consistency = consistency_map(
+        consensus, consensus_features, null_size=null_size, threshold=threshold, seed=seed, sep=sep
+    )
+    retrieval = foe_map_recall(
+        wells, features, percentile=percentile, recall_percents=recall_percents, alpha=threshold, sep=sep
+    )
     paths = {name: out_dir / f"{name}.parquet" for name in EVAL_FILES}
     write_parquet(activity, paths["map_activity"])
     write_parquet(consistency, paths["map_consistency"])
@@ -288,22 +331,50 @@ def summarize_set(eval_dir: str | Path, *, alpha: float = 0.05) -> pd.DataFrame:
     rows = []
 
     def add(metric, value, n, variant, description):
-        rows.append(dict(set=eval_dir.name, metric=metric, variant=variant, value=float(value), n=int(n),
-                         description=description))
+        rows.append(
+            dict(
+                set=eval_dir.name,
+                metric=metric,
+                variant=variant,
+                value=float(value),
+                n=int(n),
+                description=description,
+            )
+        )
 
     def mean_or_nan(series):
         return float(series.astype(float).mean()) if len(series) else float("nan")
 
     activity = tables["map_activity"]
-    add("map_activity", mean_or_nan(activity["mean_average_precision"]), len(activity), "copairs",
-        "copairs mAP of a treatment's replicate wells against negcon wells, mean over treatments")
-    add("fraction_retrieved_activity", mean_or_nan(activity["below_corrected_p"]), len(activity),
-        f"copairs BH {alpha}", f"fraction of treatments whose BH-corrected copairs p-value is below {alpha}")
+    add(
+        "map_activity",
+        mean_or_nan(activity["mean_average_precision"]),
+        len(activity),
+        "copairs",
+        "copairs mAP of a treatment's replicate wells against negcon wells, mean over treatments",
+    )
+    add(
+        "fraction_retrieved_activity",
+        mean_or_nan(activity["below_corrected_p"]),
+        len(activity),
+        f"copairs BH {alpha}",
+        f"fraction of treatments whose BH-corrected copairs p-value is below {alpha}",
+    )
     consistency = tables["map_consistency"]
-    add("map_consistency", mean_or_nan(consistency["mean_average_precision"]), len(consistency), "copairs multilabel",
-        "copairs multilabel mAP on consensus profiles (positives share the label), mean over MoA labels")
-    add("fraction_retrieved_consistency", mean_or_nan(consistency["below_corrected_p"]), len(consistency),
-        f"copairs BH {alpha}", f"fraction of MoA labels whose BH-corrected copairs p-value is below {alpha}")
+    add(
+        "map_consistency",
+        mean_or_nan(consistency["mean_average_precision"]),
+        len(consistency),
+        "copairs multilabel",
+        "copairs multilabel mAP on consensus profiles (positives share the label), mean over MoA labels",
+    )
+    add(
+        "fraction_retrieved_consistency",
+        mean_or_nan(consistency["below_corrected_p"]),
+        len(consistency),
+        f"copairs BH {alpha}",
+        f"fraction of MoA labels whose BH-corrected copairs p-value is below {alpha}",
+    )
     retrieval = tables["foe_map_recall"]
     if len(retrieval):
         for metric, e in metrics.summarize_retrieval(_result_from_table(retrieval), alpha=alpha).items():
@@ -327,10 +398,17 @@ def _run(args: argparse.Namespace) -> None:
             print(summary[["set", "metric", "value", "n"]].to_string(index=False))
         return
     paths = evaluate_profiles(
-        args.profiles, args.out, null_size=args.null_size, threshold=args.threshold, seed=args.seed,
-        percentile=args.foe_percentile, recall_percents=args.recall_percents,
-        same_plate_negcon=args.same_plate_negcon, same_wells_as=args.same_wells_as or (),
-        consensus_operation=args.consensus, sep=args.moa_separator,
+        args.profiles,
+        args.out,
+        null_size=args.null_size,
+        threshold=args.threshold,
+        seed=args.seed,
+        percentile=args.foe_percentile,
+        recall_percents=args.recall_percents,
+        same_plate_negcon=args.same_plate_negcon,
+        same_wells_as=args.same_wells_as or (),
+        consensus_operation=args.consensus,
+        sep=args.moa_separator,
     )
     for path in paths.values():
         print(path)
@@ -338,24 +416,45 @@ def _run(args: argparse.Namespace) -> None:
 
 def register_cli(subparsers) -> None:
     parser = subparsers.add_parser(
-        "evaluate", help="copairs mAP, FoE, MAP and Recall@k of a feature set; or --summary of all sets",
+        "evaluate",
+        help="copairs mAP, FoE, MAP and Recall@k of a feature set; or --summary of all sets",
         description=__doc__.splitlines()[0],
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--profiles", help="profiles/<set> folder (selected.parquet, consensus.parquet)")
-    source.add_argument("--summary", nargs="+", metavar="EVAL_DIR",
-                        help="eval/<set> folders to summarise into --out (one row per set and metric)")
-    parser.add_argument("--out", required=True, help="eval/<set> folder, or eval/summary.parquet with --summary")
-    parser.add_argument("--same-wells-as", nargs="*", metavar="PROFILES_DIR",
-                        help="profiles/<set> folders: evaluate only wells that all of them have")
+    source.add_argument(
+        "--summary",
+        nargs="+",
+        metavar="EVAL_DIR",
+        help="eval/<set> folders to summarise into --out (one row per set and metric)",
+    )
+    parser.add_argument(
+        "--out", required=True, help="eval/<set> folder, or eval/summary.parquet with --summary"
+    )
+    parser.add_argument(
+        "--same-wells-as",
+        nargs="*",
+        metavar="PROFILES_DIR",
+        help="profiles/<set> folders: evaluate only wells that all of them have",
+    )
     parser.add_argument("--null-size", type=int, default=10000, help="copairs null distribution size")
-    parser.add_argument("--threshold", type=float, default=0.05,
-                        help="significance level (copairs BH, FoE Holm-Sidak)")
+    parser.add_argument(
+        "--threshold", type=float, default=0.05, help="significance level (copairs BH, FoE Holm-Sidak)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="copairs null seed")
-    parser.add_argument("--foe-percentile", type=float, default=99.0, help="FoE similarity percentile (99 = top 1%%)")
-    parser.add_argument("--recall-percents", type=int, nargs="+", default=list(metrics.DEFAULT_RECALL_PERCENTS))
-    parser.add_argument("--same-plate-negcon", action="store_true",
-                        help="activity: compare a well only with negcon wells of its own plate")
-    parser.add_argument("--consensus", default="median", help="consensus operation when --same-wells-as drops wells")
+    parser.add_argument(
+        "--foe-percentile", type=float, default=99.0, help="FoE similarity percentile (99 = top 1%%)"
+    )
+    parser.add_argument(
+        "--recall-percents", type=int, nargs="+", default=list(metrics.DEFAULT_RECALL_PERCENTS)
+    )
+    parser.add_argument(
+        "--same-plate-negcon",
+        action="store_true",
+        help="activity: compare a well only with negcon wells of its own plate",
+    )
+    parser.add_argument(
+        "--consensus", default="median", help="consensus operation when --same-wells-as drops wells"
+    )
     parser.add_argument("--moa-separator", default="|", help="separator between MoA labels")
     parser.set_defaults(func=_run)

@@ -47,7 +47,7 @@ class Source:
     prefix: str  # key prefix ending in "/" (or "" for the whole bucket); a folder path when bucket is None
 
     @classmethod
-    def parse(cls, url: str) -> "Source":
+    def parse(cls, url: str) -> Source:
         if url.startswith("s3://"):
             bucket, _, prefix = url[len("s3://") :].partition("/")
             if not bucket:
@@ -73,11 +73,19 @@ def expand_globs(globs: list[str], plates: list[str]) -> list[str]:
 
 
 def selected(rel: str, include: list[str], exclude: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(rel, g) for g in include) and not any(fnmatch.fnmatchcase(rel, g) for g in exclude)
+    return any(fnmatch.fnmatchcase(rel, g) for g in include) and not any(
+        fnmatch.fnmatchcase(rel, g) for g in exclude
+    )
 
 
-def s3_client(*, endpoint_url: str | None = None, anonymous: bool = True, region: str = "us-east-1",
-              retries: int = 5, workers: int = 8):
+def s3_client(
+    *,
+    endpoint_url: str | None = None,
+    anonymous: bool = True,
+    region: str = "us-east-1",
+    retries: int = 5,
+    workers: int = 8,
+):
     """A boto3 S3 client; anonymous = unsigned requests (public buckets need no credentials)."""
     import boto3
     from botocore import UNSIGNED
@@ -99,15 +107,25 @@ def list_remote(client, source: Source) -> list[tuple[str, int]]:
 
     objects = []
     try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=source.bucket, Prefix=source.prefix):
-            objects += [(o["Key"], int(o["Size"])) for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=source.bucket, Prefix=source.prefix
+        ):
+            objects += [
+                (o["Key"], int(o["Size"])) for o in page.get("Contents", []) if not o["Key"].endswith("/")
+            ]
     except (ClientError, BotoCoreError) as exc:
         raise PhenoProfilerError(f"cannot list {source}: {type(exc).__name__}: {exc}") from exc
     return objects
 
 
-def browse(source: str, *, endpoint_url: str | None = None, anonymous: bool = True, region: str = "us-east-1",
-           client=None) -> list[str]:
+def browse(
+    source: str,
+    *,
+    endpoint_url: str | None = None,
+    anonymous: bool = True,
+    region: str = "us-east-1",
+    client=None,
+) -> list[str]:
     """One level below an S3 prefix: sub-folders (ending in '/') then objects with sizes (like ``aws s3 ls``)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -118,10 +136,12 @@ def browse(source: str, *, endpoint_url: str | None = None, anonymous: bool = Tr
     client = client or s3_client(endpoint_url=endpoint_url, anonymous=anonymous, region=region)
     lines: list[str] = []
     try:
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=src.bucket, Prefix=src.prefix, Delimiter="/")
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=src.bucket, Prefix=src.prefix, Delimiter="/"
+        )
         for page in pages:
-            lines += [p["Prefix"][len(src.prefix):] for p in page.get("CommonPrefixes", [])]
-            lines += [f"{o['Key'][len(src.prefix):]}  {o['Size']}" for o in page.get("Contents", [])]
+            lines += [p["Prefix"][len(src.prefix) :] for p in page.get("CommonPrefixes", [])]
+            lines += [f"{o['Key'][len(src.prefix) :]}  {o['Size']}" for o in page.get("Contents", [])]
     except (ClientError, BotoCoreError) as exc:
         raise PhenoProfilerError(f"cannot list {src}: {type(exc).__name__}: {exc}") from exc
     return lines
@@ -131,7 +151,9 @@ def list_local(folder: Path) -> list[tuple[str, int]]:
     """(relative path, size) of every file below a local folder."""
     if not folder.is_dir():
         raise ConfigError(f"fetch: local source folder not found: {folder}")
-    return [(p.relative_to(folder).as_posix(), p.stat().st_size) for p in sorted(folder.rglob("*")) if p.is_file()]
+    return [
+        (p.relative_to(folder).as_posix(), p.stat().st_size) for p in sorted(folder.rglob("*")) if p.is_file()
+    ]
 
 
 def _complete(path: Path, size: int) -> bool:
@@ -187,16 +209,23 @@ def fetch(
     if local_folder is not None:
         objects = list_local(local_folder)
     else:
-        client = client or s3_client(endpoint_url=endpoint_url, anonymous=anonymous, region=region,
-                                     retries=retries, workers=workers)
-        objects = [(key[len(src.prefix):], size) for key, size in list_remote(client, src)]
+        client = client or s3_client(
+            endpoint_url=endpoint_url, anonymous=anonymous, region=region, retries=retries, workers=workers
+        )
+        objects = [(key[len(src.prefix) :], size) for key, size in list_remote(client, src)]
     chosen = [(rel, size) for rel, size in objects if selected(rel, include, exclude)]
     if not chosen:
         raise DataError(
             f"fetch: nothing under {local_folder or src} matches include={include} exclude={exclude} "
             f"({len(objects)} objects there)"
         )
-    log.info("fetch: %d of %d objects under %s selected -> %s", len(chosen), len(objects), local_folder or src, dest)
+    log.info(
+        "fetch: %d of %d objects under %s selected -> %s",
+        len(chosen),
+        len(objects),
+        local_folder or src,
+        dest,
+    )
 
     def one(rel: str, size: int) -> tuple[str, str, int, str]:
         target = dest / rel
@@ -216,11 +245,15 @@ def fetch(
                 client.download_file(src.bucket, src.prefix + rel, str(tmp), Config=transfer)
                 got = tmp.stat().st_size
                 if got != size:
-                    raise PhenoProfilerError(f"s3://{src.bucket}/{src.prefix}{rel}: got {got} bytes, listed {size}")
+                    raise PhenoProfilerError(
+                        f"s3://{src.bucket}/{src.prefix}{rel}: got {got} bytes, listed {size}"
+                    )
         except PhenoProfilerError:
             raise
         except Exception as exc:  # botocore/network errors: name the object
-            raise PhenoProfilerError(f"download of s3://{src.bucket}/{src.prefix}{rel} failed: {type(exc).__name__}: {exc}") from exc
+            raise PhenoProfilerError(
+                f"download of s3://{src.bucket}/{src.prefix}{rel} failed: {type(exc).__name__}: {exc}"
+            ) from exc
         return rel, str(target), size, "downloaded"
 
     from boto3.s3.transfer import TransferConfig
@@ -231,9 +264,15 @@ def fetch(
     rows = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(one, rel, size) for rel, size in chosen]
-        for future in tqdm(as_completed(futures), total=len(futures), desc="fetch", unit="file", disable=None):
+        for future in tqdm(
+            as_completed(futures), total=len(futures), desc="fetch", unit="file", disable=None
+        ):
             rows.append(future.result())
-    listing = pd.DataFrame(rows, columns=["key", "path", "size", "action"]).sort_values("key").reset_index(drop=True)
+    listing = (
+        pd.DataFrame(rows, columns=["key", "path", "size", "action"])
+        .sort_values("key")
+        .reset_index(drop=True)
+    )
     counts = listing.action.value_counts().to_dict()
     log.info("fetch: %s (%.1f MB) under %s", counts, listing["size"].sum() / 1e6, dest)
     return listing
@@ -248,28 +287,62 @@ def fetch_pending(config: dict) -> bool:
     """True when the plates cannot be known before fetching: fetch is on, ``images.plates`` is empty and
     the fetch has not completed yet (no listing).  The workflow then plans the fetch alone; the next run
     finds the plates in the fetched images."""
-    return bool(config["fetch"]["activate"] and not config["images"]["plates"] and not listing_path(config).is_file())
+    return bool(
+        config["fetch"]["activate"] and not config["images"]["plates"] and not listing_path(config).is_file()
+    )
 
 
 def fetch_dataset(config: dict) -> pd.DataFrame:
     """Fetch what a validated dataset config's ``fetch`` section asks for: images, then metadata files."""
     section = config["fetch"]
     if not section.get("source"):
-        raise ConfigError("config key 'fetch.source' is required to fetch (s3://bucket/prefix of the images root)")
+        raise ConfigError(
+            "config key 'fetch.source' is required to fetch (s3://bucket/prefix of the images root)"
+        )
     common = dict(
-        endpoint_url=section["endpoint_url"], anonymous=section["anonymous"], region=section["region"],
-        local_root=section["local_root"], link=section["link"], workers=section["workers"], retries=section["retries"],
+        endpoint_url=section["endpoint_url"],
+        anonymous=section["anonymous"],
+        region=section["region"],
+        local_root=section["local_root"],
+        link=section["link"],
+        workers=section["workers"],
+        retries=section["retries"],
     )
     client = None
-    if section["local_root"] is None and any(s.startswith("s3://") for s in [section["source"]] + [m["source"] for m in section["metadata"]]):
-        client = s3_client(endpoint_url=section["endpoint_url"], anonymous=section["anonymous"],
-                           region=section["region"], retries=section["retries"], workers=section["workers"])
+    if section["local_root"] is None and any(
+        s.startswith("s3://") for s in [section["source"]] + [m["source"] for m in section["metadata"]]
+    ):
+        client = s3_client(
+            endpoint_url=section["endpoint_url"],
+            anonymous=section["anonymous"],
+            region=section["region"],
+            retries=section["retries"],
+            workers=section["workers"],
+        )
     plates = list(config["images"]["plates"])
-    parts = [fetch(section["source"], config["images"]["root"], include=section["include"],
-                   exclude=section["exclude"], plates=plates, client=client, **common).assign(set="images")]
+    parts = [
+        fetch(
+            section["source"],
+            config["images"]["root"],
+            include=section["include"],
+            exclude=section["exclude"],
+            plates=plates,
+            client=client,
+            **common,
+        ).assign(set="images")
+    ]
     for item in section["metadata"]:
-        parts.append(fetch(item["source"], item["dest"], include=item.get("include", ["*"]), exclude=[], plates=plates,
-                           client=client, **common).assign(set="metadata"))
+        parts.append(
+            fetch(
+                item["source"],
+                item["dest"],
+                include=item.get("include", ["*"]),
+                exclude=[],
+                plates=plates,
+                client=client,
+                **common,
+            ).assign(set="metadata")
+        )
     return pd.concat(parts, ignore_index=True)
 
 
@@ -286,9 +359,17 @@ def _run(args: argparse.Namespace) -> None:
         if not (args.source and args.dest):
             raise ConfigError("phenoprofiler fetch: give --configfile, or --source and --dest")
         listing = fetch(
-            args.source, args.dest, include=args.include or ["*"], exclude=args.exclude or [], plates=args.plate or [],
-            endpoint_url=args.endpoint_url, anonymous=not args.signed, local_root=args.local_root, link=args.link,
-            workers=args.workers, retries=args.retries,
+            args.source,
+            args.dest,
+            include=args.include or ["*"],
+            exclude=args.exclude or [],
+            plates=args.plate or [],
+            endpoint_url=args.endpoint_url,
+            anonymous=not args.signed,
+            local_root=args.local_root,
+            link=args.link,
+            workers=args.workers,
+            retries=args.retries,
         )
     if args.out:
         write_text(listing.to_csv(sep="\t", index=False), args.out)
@@ -301,17 +382,32 @@ def register_cli(subparsers) -> None:
         description="Mirror s3://bucket/prefix (or a local folder) into a local folder; files already complete "
         "(same size) are skipped. Either --configfile (the config's fetch section) or --source/--dest.",
     )
-    parser.add_argument("--list", metavar="S3_URL", help="only show what is one level below s3://bucket/prefix/ (browse the Gallery)")
+    parser.add_argument(
+        "--list",
+        metavar="S3_URL",
+        help="only show what is one level below s3://bucket/prefix/ (browse the Gallery)",
+    )
     parser.add_argument("--configfile", help="dataset config YAML (uses its fetch and images sections)")
     parser.add_argument("--source", help="s3://bucket/prefix/ or a local folder")
     parser.add_argument("--dest", help="local folder the files are mirrored into")
-    parser.add_argument("--include", action="append", help="glob on the path below the source (repeatable; {plate} expands)")
+    parser.add_argument(
+        "--include", action="append", help="glob on the path below the source (repeatable; {plate} expands)"
+    )
     parser.add_argument("--exclude", action="append", help="glob to leave out (repeatable)")
     parser.add_argument("--plate", action="append", help="plate for {plate} in globs (repeatable)")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (mirror, test server)")
-    parser.add_argument("--signed", action="store_true", help="use AWS credentials instead of anonymous requests")
-    parser.add_argument("--local-root", help="folder mirroring the bucket: read <local-root>/<key>, no network")
-    parser.add_argument("--link", choices=["symlink", "hardlink", "copy"], default="symlink", help="how files from --local-root are placed")
+    parser.add_argument(
+        "--signed", action="store_true", help="use AWS credentials instead of anonymous requests"
+    )
+    parser.add_argument(
+        "--local-root", help="folder mirroring the bucket: read <local-root>/<key>, no network"
+    )
+    parser.add_argument(
+        "--link",
+        choices=["symlink", "hardlink", "copy"],
+        default="symlink",
+        help="how files from --local-root are placed",
+    )
     parser.add_argument("--workers", type=int, default=8, help="parallel downloads")
     parser.add_argument("--retries", type=int, default=5, help="attempts per request")
     parser.add_argument("--out", help="write the listing (TSV: key, path, size, action) here, last")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from scipy import ndimage
@@ -29,9 +29,13 @@ log = logging.getLogger(__name__)
 def check_image(image: np.ndarray, path, *, shape=None, dtype=None) -> None:
     """Reject images that would silently corrupt a plate: NaN/inf, or a size/bit depth unlike the rest."""
     if shape is not None and image.shape != tuple(shape):
-        raise ImageError(f"image {path} is {image.shape[1]}x{image.shape[0]} px; the other images of this plate are {shape[1]}x{shape[0]}")
+        raise ImageError(
+            f"image {path} is {image.shape[1]}x{image.shape[0]} px; the other images of this plate are {shape[1]}x{shape[0]}"
+        )
     if dtype is not None and image.dtype != dtype:
-        raise ImageError(f"image {path} is {image.dtype}; the other images of this plate are {dtype} (mixed bit depth)")
+        raise ImageError(
+            f"image {path} is {image.dtype}; the other images of this plate are {dtype} (mixed bit depth)"
+        )
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         raise ImageError(f"image {path} contains NaN or infinite pixels")
 
@@ -103,7 +107,9 @@ def load_functions(folder: str | Path, channels: list[str]) -> dict[str, np.ndar
             raise ImageError(f"illumination function not found: {path} (channel {channel})")
         function = np.load(path).astype(np.float32)
         if function.ndim != 2 or not np.all(np.isfinite(function)) or function.min() <= 0:
-            raise ImageError(f"illumination function {path} must be a finite 2-D array > 0, got shape {function.shape}")
+            raise ImageError(
+                f"illumination function {path} must be a finite 2-D array > 0, got shape {function.shape}"
+            )
         out[channel] = function
     return out
 

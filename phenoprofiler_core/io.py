@@ -10,8 +10,8 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -104,7 +104,7 @@ class NpyStreamWriter:
         with contextlib.suppress(FileNotFoundError):
             self.tmp.unlink()
 
-    def __enter__(self) -> "NpyStreamWriter":
+    def __enter__(self) -> NpyStreamWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -49,7 +49,9 @@ def normalize_well(well: str) -> str:
     """``a1``/``A1``/``A01`` → ``A01``."""
     match = re.fullmatch(r"([A-Za-z]{1,2})0*(\d{1,3})", str(well).strip())
     if not match:
-        raise DataError(f"cannot read well name {well!r}: expected a row letter and a column number like 'A01'")
+        raise DataError(
+            f"cannot read well name {well!r}: expected a row letter and a column number like 'A01'"
+        )
     return f"{match.group(1).upper()}{int(match.group(2)):02d}"
 
 
@@ -84,7 +86,13 @@ def scan_images(root: str | Path, pattern: str, *, default_plate: str | None = N
         else:
             raise ConfigError("config key 'images.pattern' needs a named group 'well' or 'row' and 'col'")
         rows.append(
-            {"plate": str(plate), "well": well, "site": int(groups["site"]), "channel": groups["channel"], "path": str(path.resolve())}
+            {
+                "plate": str(plate),
+                "well": well,
+                "site": int(groups["site"]),
+                "channel": groups["channel"],
+                "path": str(path.resolve()),
+            }
         )
     if not rows:
         raise DataError(f"no image under {root} matches the file-name layout (regex {pattern!r})")
@@ -137,7 +145,12 @@ def sites_table(images: pd.DataFrame, channel_map: dict[str, str], channels: lis
     dupes = images[images.duplicated(["plate", "well", "site", "channel"], keep=False)]
     if len(dupes):
         first = dupes.iloc[0]
-        files = dupes[(dupes.plate == first.plate) & (dupes.well == first.well) & (dupes.site == first.site) & (dupes.channel == first.channel)]["path"].tolist()
+        files = dupes[
+            (dupes.plate == first.plate)
+            & (dupes.well == first.well)
+            & (dupes.site == first.site)
+            & (dupes.channel == first.channel)
+        ]["path"].tolist()
         raise DataError(
             f"site {first.plate}/{first.well}/site {first.site} has more than one {first.channel} image: {files}"
         )
@@ -172,7 +185,9 @@ def well_treatments(plates: list[str], meta: dict) -> pd.DataFrame:
         table = _read_table(meta["wells"], "metadata.wells")
         for col in (well_col, trt_col):
             if col not in table.columns:
-                raise DataError(f"{meta['wells']}: no column '{col}' (metadata.well_column / treatment_column)")
+                raise DataError(
+                    f"{meta['wells']}: no column '{col}' (metadata.well_column / treatment_column)"
+                )
         if "plate" in table.columns:
             table = table.rename(columns={"plate": "Metadata_Plate"})
         else:
@@ -222,18 +237,26 @@ def annotate(sites: pd.DataFrame, meta: dict) -> pd.DataFrame:
     out["Metadata_moa"] = ""
     if meta.get("treatments"):
         table = _read_table(meta["treatments"], "metadata.treatments")
-        id_col, name_col, moa_col = meta["treatment_id_column"], meta.get("treatment_name_column"), meta["moa_column"]
+        id_col, name_col, moa_col = (
+            meta["treatment_id_column"],
+            meta.get("treatment_name_column"),
+            meta["moa_column"],
+        )
         for col in [id_col, moa_col] + ([name_col] if name_col else []):
             if col not in table.columns:
                 raise DataError(f"{meta['treatments']}: no column '{col}'")
         table = table.drop_duplicates(id_col).set_index(id_col)
         if name_col:
             names = out["Metadata_TreatmentId"].map(table[name_col])
-            out["Metadata_Treatment"] = names.where(names.notna() & (names != ""), out["Metadata_TreatmentId"])
+            out["Metadata_Treatment"] = names.where(
+                names.notna() & (names != ""), out["Metadata_TreatmentId"]
+            )
         moa = out["Metadata_TreatmentId"].map(table[moa_col]).fillna("")
         sep = meta["moa_separator"]
         # Canonical form: labels sorted and joined by '|', whatever the source separator.
-        out["Metadata_moa"] = moa.map(lambda s: "|".join(sorted({x.strip() for x in s.split(sep) if x.strip()})))
+        out["Metadata_moa"] = moa.map(
+            lambda s: "|".join(sorted({x.strip() for x in s.split(sep) if x.strip()}))
+        )
     negcon, poscon = set(meta["negcon"]), set(meta["poscon"])
 
     def pert_type(row) -> str:
@@ -241,9 +264,15 @@ def annotate(sites: pd.DataFrame, meta: dict) -> pd.DataFrame:
         return "negcon" if ids & negcon else "poscon" if ids & poscon else "trt"
 
     out["Metadata_pert_type"] = [pert_type(r) for r in out.itertuples()]
-    no_moa = sorted(out.loc[(out.Metadata_pert_type == "trt") & (out.Metadata_moa == ""), "Metadata_Treatment"].unique())
+    no_moa = sorted(
+        out.loc[(out.Metadata_pert_type == "trt") & (out.Metadata_moa == ""), "Metadata_Treatment"].unique()
+    )
     if no_moa:
-        log.warning("%d treatment(s) have no MoA annotation (kept, excluded from MoA metrics): %s", len(no_moa), no_moa[:10])
+        log.warning(
+            "%d treatment(s) have no MoA annotation (kept, excluded from MoA metrics): %s",
+            len(no_moa),
+            no_moa[:10],
+        )
     for plate, group in out.groupby("Metadata_Plate"):
         if not (group.Metadata_pert_type == "negcon").any():
             log.warning("plate %s has no negative-control wells (metadata.negcon=%s)", plate, sorted(negcon))
@@ -256,7 +285,11 @@ def build_manifest(config: dict) -> pd.DataFrame:
     if images_cfg["layout"] == "loaddata":
         images = read_loaddata(images_cfg["loaddata"], images_cfg["channel_map"])
     else:
-        pattern = images_cfg["pattern"] if images_cfg["layout"] == "pattern" else LAYOUT_PATTERNS[images_cfg["layout"]]
+        pattern = (
+            images_cfg["pattern"]
+            if images_cfg["layout"] == "pattern"
+            else LAYOUT_PATTERNS[images_cfg["layout"]]
+        )
         images = scan_images(images_cfg["root"], pattern, default_plate=images_cfg.get("plate"))
     if images_cfg["plates"]:
         images = images[images["plate"].isin(images_cfg["plates"])]
@@ -299,7 +332,7 @@ def read_manifest(path: str | Path, plate: str | None = None) -> pd.DataFrame:
 
 def channels_of(manifest: pd.DataFrame) -> list[str]:
     """Canonical channel order of a manifest (its Path_ columns, in order)."""
-    return [c[len("Path_"):] for c in manifest.columns if c.startswith("Path_")]
+    return [c[len("Path_") :] for c in manifest.columns if c.startswith("Path_")]
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -34,8 +34,8 @@ also makes the self entry (−1) the minimum of its row.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -77,7 +77,9 @@ def cosine_similarity_matrix(profiles: np.ndarray) -> np.ndarray:
     return cosine_similarity(np.asarray(profiles, dtype=np.float64))
 
 
-def _validated(similarity: np.ndarray, moa_match: np.ndarray, clip: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def _validated(
+    similarity: np.ndarray, moa_match: np.ndarray, clip: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     S = np.asarray(similarity, dtype=np.float64)
     M = np.asarray(moa_match, dtype=bool)
     if S.ndim != 2 or S.shape[0] != S.shape[1]:
@@ -151,7 +153,9 @@ class RetrievalResult:
     recall: dict[int, np.ndarray]  # percent -> recall per query
 
 
-def _ragged_suffix_max_exclusive(values: np.ndarray, row: np.ndarray, position: np.ndarray, n_rows: int) -> np.ndarray:
+def _ragged_suffix_max_exclusive(
+    values: np.ndarray, row: np.ndarray, position: np.ndarray, n_rows: int
+) -> np.ndarray:
     """For entries grouped by ``row`` (``position`` = index within the row), max over later entries."""
     width = int(position.max()) + 2 if position.size else 1
     padded = np.full((n_rows, width), -np.inf)
@@ -318,6 +322,7 @@ def retrieval_metrics(
 
 def summarize_retrieval(result: RetrievalResult, *, alpha: float = 0.05) -> dict[str, dict]:
     """Metric name -> {value, n (queries), variant (short name), description}."""
+
     def entry(values, variant, description, reduce=np.mean):
         values = np.asarray(values, dtype=np.float64)
         values = values[~np.isnan(values)]
@@ -330,27 +335,35 @@ def summarize_retrieval(result: RetrievalResult, *, alpha: float = 0.05) -> dict
     reject = holm_sidak_reject(p, alpha)
     out = {
         "foe_top1_mean": entry(
-            published_odds_ratio(odds, result.foe_v[foe_query, 3]), "published (inf OR -> v22)",
+            published_odds_ratio(odds, result.foe_v[foe_query, 3]),
+            "published (inf OR -> v22)",
             "mean odds ratio at the top 1%; an infinite OR counts as count(sim<=t, other MoA) as in the "
             "published code; tables with an empty margin (NaN OR) are skipped",
         ),
-        "foe_top1_median": entry(odds, "median OR", "median sample odds ratio at the top 1% (no quirk)", np.median),
+        "foe_top1_median": entry(
+            odds, "median OR", "median sample odds ratio at the top 1% (no quirk)", np.median
+        ),
         "foe_top1_n_significant": dict(
-            value=float(reject.sum()), n=int(p.size), variant=f"Holm-Sidak {alpha}",
+            value=float(reject.sum()),
+            n=int(p.size),
+            variant=f"Holm-Sidak {alpha}",
             description=f"queries whose one-sided Fisher p stays below {alpha} after Holm-Sidak correction",
         ),
         "map_interpolated": entry(
-            result.interpolated_precision, "DeepProfilerExperiments",
+            result.interpolated_precision,
+            "DeepProfilerExperiments",
             "interpolated_precision_recall_curve with its one-step-lagged walk; queries with >=2 other same-MoA",
         ),
         "map_ap": entry(
-            result.average_precision, "PhenoProfiler",
+            result.average_precision,
+            "PhenoProfiler",
             "mean sklearn average_precision_score with self=(False,-1); queries with >=1 other same-MoA",
         ),
     }
     for percent, values in result.recall.items():
         out[f"recall_top{percent}pct"] = entry(
-            values, "PhenoProfiler",
+            values,
+            "PhenoProfiler",
             f"same-MoA hits in the next max(int(N*{percent}/100),1) after self / row sum including self",
         )
     return out
@@ -380,8 +393,17 @@ def enrichment_reference(similarity, moa_match, percentile: float = 99.0) -> pd.
         res = fisher_exact([[v11, v12], [v21, v22]], alternative="greater")
         odds = float(res.statistic)
         records.append(
-            dict(query=i, threshold=t, v11=v11, v12=v12, v21=v21, v22=v22, odds_ratio=odds,
-                 published_odds_ratio=float(v22) if np.isinf(odds) else odds, p_value=float(res.pvalue))
+            dict(
+                query=i,
+                threshold=t,
+                v11=v11,
+                v12=v12,
+                v21=v21,
+                v22=v22,
+                odds_ratio=odds,
+                published_odds_ratio=float(v22) if np.isinf(odds) else odds,
+                p_value=float(res.pvalue),
+            )
         )
     return pd.DataFrame(records)
 
@@ -444,7 +466,9 @@ def interpolated_curve_reference(similarity, moa_match) -> tuple[np.ndarray, np.
     return grid, mean_curve, per_query
 
 
-def recall_reference(similarity, moa_match, percents: Sequence[int] = DEFAULT_RECALL_PERCENTS) -> dict[int, np.ndarray]:
+def recall_reference(
+    similarity, moa_match, percents: Sequence[int] = DEFAULT_RECALL_PERCENTS
+) -> dict[int, np.ndarray]:
     """Recall@k% by a plain loop: stable sort of the others by similarity, self excluded."""
     S, M = _validated(similarity, moa_match)
     N = S.shape[0]

@@ -20,8 +20,9 @@ import dataclasses
 import logging
 import os
 import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,16 +56,20 @@ class ModelConfig:
     input_size: int | None = None
 
     @classmethod
-    def from_dict(cls, options: Mapping[str, Any] | None, *, where: str = "model") -> "ModelConfig":
+    def from_dict(cls, options: Mapping[str, Any] | None, *, where: str = "model") -> ModelConfig:
         options = dict(options or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ConfigError(f"unknown key(s) in config section '{where}': {unknown}; known: {sorted(known)}")
+            raise ConfigError(
+                f"unknown key(s) in config section '{where}': {unknown}; known: {sorted(known)}"
+            )
         cfg = cls(**options)
         cfg.thetas = tuple(float(t) for t in cfg.thetas)
         if len(cfg.thetas) != 2:
-            raise ConfigError(f"{where}.thetas must hold two numbers (one per gradient branch), got {list(cfg.thetas)}")
+            raise ConfigError(
+                f"{where}.thetas must hold two numbers (one per gradient branch), got {list(cfg.thetas)}"
+            )
         if cfg.transformer_blocks < 0:
             raise ConfigError(f"{where}.transformer_blocks must be >= 0, got {cfg.transformer_blocks}")
         if cfg.temperature <= 0:
@@ -94,10 +99,19 @@ class CentralDifferenceConv2d(nn.Module):
     convolution.  The weight lives in ``self.conv`` (no bias) as in the published checkpoint.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 2,
-                 padding: int = 1, theta: float = 0.7) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 2,
+        padding: int = 1,
+        theta: float = 0.7,
+    ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False
+        )
         self.theta = float(theta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +168,9 @@ class TransformerBlock(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, ffn_dim: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.attention = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout)
-        self.feed_forward = nn.Sequential(nn.Linear(embed_dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, embed_dim))
+        self.feed_forward = nn.Sequential(
+            nn.Linear(embed_dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, embed_dim)
+        )
         self.layernorm1 = nn.LayerNorm(embed_dim)
         self.layernorm2 = nn.LayerNorm(embed_dim)
         self.dropout = nn.Dropout(dropout)
@@ -182,8 +198,9 @@ class ProjectionHead(nn.Module):
         return self.layer_norm(x + projected)
 
 
-def create_backbone(name: str, *, in_chans: int = 3, pretrained: bool = False,
-                    pretrained_file: str | None = None) -> nn.Module:
+def create_backbone(
+    name: str, *, in_chans: int = 3, pretrained: bool = False, pretrained_file: str | None = None
+) -> nn.Module:
     """A timm model by name with its classifier removed and global average pooling.
 
     ``pretrained=True`` uses timm's default weights tag for ``name``; they must either be in the
@@ -200,7 +217,9 @@ def create_backbone(name: str, *, in_chans: int = 3, pretrained: bool = False,
     if pretrained_file:
         if not os.path.isfile(pretrained_file):
             raise ConfigError(f"model.pretrained_file: {pretrained_file} does not exist")
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": pretrained_file}, **kwargs)
+        return timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay={"file": pretrained_file}, **kwargs
+        )
     cached = _cached_weights(name)
     if cached:  # load the cached file directly: no network round trip at all
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **kwargs)
@@ -263,11 +282,14 @@ class ImageEncoder(nn.Module):
         else:  # ablation: the backbone's stem takes the raw channels (timm adapts its first conv)
             self.conv = nn.Identity()
             backbone_in = in_channels
-        self.model = create_backbone(cfg.backbone, in_chans=backbone_in, pretrained=cfg.pretrained,
-                                     pretrained_file=cfg.pretrained_file)
+        self.model = create_backbone(
+            cfg.backbone, in_chans=backbone_in, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file
+        )
         self.num_features = int(self.model.num_features)
-        blocks = [TransformerBlock(self.num_features, cfg.transformer_heads, cfg.transformer_ffn, cfg.dropout)
-                  for _ in range(cfg.transformer_blocks)]
+        blocks = [
+            TransformerBlock(self.num_features, cfg.transformer_heads, cfg.transformer_ffn, cfg.dropout)
+            for _ in range(cfg.transformer_blocks)
+        ]
         # One block is stored bare so its keys are transformer_block.* as in the published checkpoint.
         if len(blocks) == 1:
             self.transformer_block: nn.Module = blocks[0]
@@ -291,14 +313,22 @@ class PhenoProfilerModel(nn.Module):
     features, regressed by the profile itself.  It is not part of the published checkpoint.
     """
 
-    def __init__(self, in_channels: int, cfg: ModelConfig | None = None, *, num_classes: int = 0,
-                 target_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        cfg: ModelConfig | None = None,
+        *,
+        num_classes: int = 0,
+        target_dim: int | None = None,
+    ) -> None:
         super().__init__()
         cfg = cfg or ModelConfig()
         self.config = cfg
         self.in_channels = int(in_channels)
         self.image_encoder = ImageEncoder(in_channels, cfg)
-        self.image_projection = ProjectionHead(self.image_encoder.num_features, cfg.projection_dim, cfg.dropout)
+        self.image_projection = ProjectionHead(
+            self.image_encoder.num_features, cfg.projection_dim, cfg.dropout
+        )
         self.classifier = nn.Linear(cfg.projection_dim, num_classes) if num_classes > 0 else None
         self.target_dim = int(target_dim) if target_dim else cfg.projection_dim
         self.regression_head = (
@@ -309,7 +339,9 @@ class PhenoProfilerModel(nn.Module):
         """Resize to ``config.input_size`` (bilinear, antialiased) when the data has another size."""
         size = self.config.input_size
         if size and tuple(images.shape[-2:]) != (size, size):
-            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            images = F.interpolate(
+                images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
         return images
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -320,8 +352,13 @@ class PhenoProfilerModel(nn.Module):
         return profile if self.regression_head is None else self.regression_head(profile)
 
 
-def create_model(cfg: ModelConfig | Mapping[str, Any] | None, *, in_channels: int, num_classes: int = 0,
-                 target_dim: int | None = None) -> PhenoProfilerModel:
+def create_model(
+    cfg: ModelConfig | Mapping[str, Any] | None,
+    *,
+    in_channels: int,
+    num_classes: int = 0,
+    target_dim: int | None = None,
+) -> PhenoProfilerModel:
     """Factory: build the model from the ``model`` config section (dict or :class:`ModelConfig`)."""
     if not isinstance(cfg, ModelConfig):
         cfg = ModelConfig.from_dict(cfg)
@@ -343,7 +380,9 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float(), labels)
 
 
-def contrastive_loss(embeddings: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def contrastive_loss(
+    embeddings: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """CLIP-style loss between image embeddings and their regression targets, with soft labels.
 
     Logits are target·embeddingᵀ / τ.  Instead of one-hot labels, each image's label distribution is
@@ -367,8 +406,13 @@ class LossWeights:
     ce: float = 0.1
 
 
-def compute_losses(model: PhenoProfilerModel, images: torch.Tensor, targets: torch.Tensor,
-                   labels: torch.Tensor | None, weights: LossWeights) -> dict[str, torch.Tensor]:
+def compute_losses(
+    model: PhenoProfilerModel,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    labels: torch.Tensor | None,
+    weights: LossWeights,
+) -> dict[str, torch.Tensor]:
     """Forward a batch and return ``loss`` (weighted total) and its parts ``mse``, ``ce``, ``contrastive``.
 
     A part whose weight is 0 is reported (detached) but contributes no gradient.
@@ -379,8 +423,14 @@ def compute_losses(model: PhenoProfilerModel, images: torch.Tensor, targets: tor
     return combine_losses(prediction, logits, targets, labels, weights, model.config.temperature)
 
 
-def combine_losses(prediction: torch.Tensor, logits: torch.Tensor | None, targets: torch.Tensor,
-                   labels: torch.Tensor | None, weights: LossWeights, temperature: float) -> dict[str, torch.Tensor]:
+def combine_losses(
+    prediction: torch.Tensor,
+    logits: torch.Tensor | None,
+    targets: torch.Tensor,
+    labels: torch.Tensor | None,
+    weights: LossWeights,
+    temperature: float,
+) -> dict[str, torch.Tensor]:
     """The losses of :func:`compute_losses` from the model's outputs on a whole batch.
 
     Multi-process training calls this on the outputs gathered from every process, so every loss
@@ -404,18 +454,34 @@ def combine_losses(prediction: torch.Tensor, logits: torch.Tensor | None, target
 
 
 __all__ = [
-    "PROFILE_DIM", "ModelConfig", "paper_model_config", "CentralDifferenceConv2d", "GradientEncoder",
-    "TransformerBlock", "ProjectionHead", "ImageEncoder", "PhenoProfilerModel", "create_backbone",
-    "create_model", "mse_loss", "classification_loss", "contrastive_loss", "LossWeights", "compute_losses",
+    "PROFILE_DIM",
+    "CentralDifferenceConv2d",
+    "GradientEncoder",
+    "ImageEncoder",
+    "LossWeights",
+    "ModelConfig",
+    "PhenoProfilerModel",
+    "ProjectionHead",
+    "TransformerBlock",
+    "classification_loss",
     "combine_losses",
-    "fold_gradient_encoder", "inference_model",
+    "compute_losses",
+    "contrastive_loss",
+    "create_backbone",
+    "create_model",
+    "fold_gradient_encoder",
+    "inference_model",
+    "mse_loss",
+    "paper_model_config",
 ]
 
 
 # ----------------------------------------------------------------------------- inference form
 
 
-def _fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def _fold_bn(
+    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Conv weight/bias with an eval-mode BatchNorm folded in (y = γ(x−μ)/σ + β)."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     bias = bias if bias is not None else torch.zeros_like(bn.running_mean)
@@ -445,7 +511,9 @@ def fold_gradient_encoder(gem: GradientEncoder) -> nn.Sequential:
         ws.append(w)
         bs.append(b)
     first = gem.branch1[0].conv
-    conv = nn.Conv2d(first.in_channels, 2 * first.out_channels, first.kernel_size, first.stride, first.padding)
+    conv = nn.Conv2d(
+        first.in_channels, 2 * first.out_channels, first.kernel_size, first.stride, first.padding
+    )
     conv.weight.copy_(torch.cat(ws))
     conv.bias.copy_(torch.cat(bs))
     last = gem.branch_last[0]

@@ -23,8 +23,8 @@ import argparse
 import contextlib
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -102,7 +102,9 @@ def read_site_features(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, list[
         df = pd.read_parquet(path)
         missing = [c for c in REQUIRED_METADATA if c not in df.columns]
         if missing:
-            raise DataError(f"{path}: missing metadata column(s) {missing}; expected {list(REQUIRED_METADATA)}")
+            raise DataError(
+                f"{path}: missing metadata column(s) {missing}; expected {list(REQUIRED_METADATA)}"
+            )
         these = feature_columns(df)
         if not these:
             raise DataError(f"{path}: no feature columns (every column starts with Metadata_)")
@@ -119,7 +121,13 @@ def read_site_features(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, list[
         frames.append(df)
     sites = pd.concat(frames, ignore_index=True)
     sites["Metadata_moa"] = sites["Metadata_moa"].fillna("").astype(str)
-    for column in ("Metadata_Plate", "Metadata_Well", "Metadata_Treatment", "Metadata_TreatmentId", "Metadata_pert_type"):
+    for column in (
+        "Metadata_Plate",
+        "Metadata_Well",
+        "Metadata_Treatment",
+        "Metadata_TreatmentId",
+        "Metadata_pert_type",
+    ):
         if sites[column].isna().any():
             row = int(np.flatnonzero(sites[column].isna().to_numpy())[0])
             raise DataError(f"column {column} is empty in row {row} of the concatenated feature tables")
@@ -220,13 +228,20 @@ def normalize_profiles(
     meta = metadata_columns(wells)
     if method == "spherize":
         if spherize_method not in SPHERIZE_METHODS:
-            raise ConfigError(f"profiles.spherize_method: {spherize_method!r} is not one of {SPHERIZE_METHODS}")
+            raise ConfigError(
+                f"profiles.spherize_method: {spherize_method!r} is not one of {SPHERIZE_METHODS}"
+            )
         if not (wells["Metadata_pert_type"] == "negcon").any():
             raise DataError("spherize: no negative-control wells (Metadata_pert_type == 'negcon') to fit on")
         try:
             normalized = pycytominer.normalize(
-                profiles=wells, features=features, meta_features=meta, samples=NEGCON_QUERY,
-                method="spherize", spherize_method=spherize_method, spherize_epsilon=spherize_epsilon,
+                profiles=wells,
+                features=features,
+                meta_features=meta,
+                samples=NEGCON_QUERY,
+                method="spherize",
+                spherize_method=spherize_method,
+                spherize_epsilon=spherize_epsilon,
                 output_file=None,
             )
         except ValueError as exc:
@@ -238,8 +253,13 @@ def normalize_profiles(
         try:
             parts.append(
                 pycytominer.normalize(
-                    profiles=plate_wells, features=features, meta_features=meta, samples=NEGCON_QUERY,
-                    method=method, mad_robustize_epsilon=mad_epsilon, output_file=None,
+                    profiles=plate_wells,
+                    features=features,
+                    meta_features=meta,
+                    samples=NEGCON_QUERY,
+                    method=method,
+                    mad_robustize_epsilon=mad_epsilon,
+                    output_file=None,
                 )
             )
         except ValueError as exc:
@@ -267,7 +287,9 @@ def select_features(
     operations = list(operations)
     unknown = [op for op in operations if op not in FEATURE_SELECT_OPERATIONS]
     if unknown:
-        raise ConfigError(f"profiles.feature_select: unknown operation(s) {unknown}; allowed {FEATURE_SELECT_OPERATIONS}")
+        raise ConfigError(
+            f"profiles.feature_select: unknown operation(s) {unknown}; allowed {FEATURE_SELECT_OPERATIONS}"
+        )
     if operations and operations[0] != "drop_na_columns":
         raise ConfigError(
             f"profiles.feature_select must start with drop_na_columns (got {operations}): the other "
@@ -277,27 +299,41 @@ def select_features(
     if operations:
         pycytominer = _pycytominer()
         selected = pycytominer.feature_select(
-            profiles=normalized, features=features, operation=operations, na_cutoff=na_cutoff,
-            corr_threshold=corr_threshold, freq_cut=freq_cut, unique_cut=unique_cut,
-            outlier_cutoff=outlier_cutoff, output_file=None,
+            profiles=normalized,
+            features=features,
+            operation=operations,
+            na_cutoff=na_cutoff,
+            corr_threshold=corr_threshold,
+            freq_cut=freq_cut,
+            unique_cut=unique_cut,
+            outlier_cutoff=outlier_cutoff,
+            output_file=None,
         )
     kept = [f for f in features if f in selected.columns]
     values = selected[kept].to_numpy(dtype=np.float64)
     finite = np.isfinite(values).all(axis=0)
     if not finite.all():
         dropped = [f for f, ok in zip(kept, finite) if not ok]
-        log.warning("dropping %d feature(s) that still hold NaN/inf after selection, e.g. %s", len(dropped), dropped[:5])
+        log.warning(
+            "dropping %d feature(s) that still hold NaN/inf after selection, e.g. %s",
+            len(dropped),
+            dropped[:5],
+        )
         kept = [f for f, ok in zip(kept, finite) if ok]
     if not kept:
         raise DataError(f"feature selection {operations} left no features out of {len(features)}")
     return selected[metadata_columns(selected) + kept].reset_index(drop=True), kept
 
 
-def consensus_profiles(selected: pd.DataFrame, features: list[str], operation: str = "median") -> pd.DataFrame:
+def consensus_profiles(
+    selected: pd.DataFrame, features: list[str], operation: str = "median"
+) -> pd.DataFrame:
     """One profile per treatment (over wells and plates) with ``pycytominer.consensus``."""
     if operation not in CONSENSUS_OPERATIONS:
         raise ConfigError(f"profiles.consensus: {operation!r} is not one of {CONSENSUS_OPERATIONS}")
-    per_treatment = selected.groupby("Metadata_TreatmentId")[list(TREATMENT_COLUMNS[1:])].nunique(dropna=False)
+    per_treatment = selected.groupby("Metadata_TreatmentId")[list(TREATMENT_COLUMNS[1:])].nunique(
+        dropna=False
+    )
     inconsistent = per_treatment.index[(per_treatment > 1).any(axis=1).to_numpy()]
     if len(inconsistent):
         raise DataError(
@@ -306,8 +342,11 @@ def consensus_profiles(selected: pd.DataFrame, features: list[str], operation: s
     pycytominer = _pycytominer()
     with _no_fragmentation_warning():
         consensus = pycytominer.consensus(
-            profiles=selected[list(TREATMENT_COLUMNS) + features], replicate_columns=list(TREATMENT_COLUMNS),
-            operation=operation, features=features, output_file=None,
+            profiles=selected[list(TREATMENT_COLUMNS) + features],
+            replicate_columns=list(TREATMENT_COLUMNS),
+            operation=operation,
+            features=features,
+            output_file=None,
         )
     counts = selected.groupby("Metadata_TreatmentId").size().rename("Metadata_n_wells").reset_index()
     consensus = consensus.merge(counts, on="Metadata_TreatmentId", how="left")
@@ -326,7 +365,12 @@ def build_profiles(
     *,
     aggregate: str = "median",
     normalize: str = "mad_robustize",
-    feature_select: Sequence[str] = ("drop_na_columns", "variance_threshold", "correlation_threshold", "drop_outliers"),
+    feature_select: Sequence[str] = (
+        "drop_na_columns",
+        "variance_threshold",
+        "correlation_threshold",
+        "drop_outliers",
+    ),
     consensus: str = "median",
     correction_alpha: float = 0.0,
     mad_epsilon: float = 1e-18,
@@ -348,15 +392,31 @@ def build_profiles(
     sites = correct_phenotype(sites, features, correction_alpha)
     wells = aggregate_wells(sites, features, aggregate)
     normalized = normalize_profiles(
-        wells, features, normalize, mad_epsilon=mad_epsilon, spherize_method=spherize_method,
+        wells,
+        features,
+        normalize,
+        mad_epsilon=mad_epsilon,
+        spherize_method=spherize_method,
         spherize_epsilon=spherize_epsilon,
     )
     norm_features = feature_columns(normalized)  # PCA sphering renames features PC1..PCn
     selected, kept = select_features(
-        normalized, norm_features, feature_select, na_cutoff=na_cutoff, corr_threshold=corr_threshold,
-        freq_cut=freq_cut, unique_cut=unique_cut, outlier_cutoff=outlier_cutoff,
+        normalized,
+        norm_features,
+        feature_select,
+        na_cutoff=na_cutoff,
+        corr_threshold=corr_threshold,
+        freq_cut=freq_cut,
+        unique_cut=unique_cut,
+        outlier_cutoff=outlier_cutoff,
     )
-    log.info("%d wells; %d of %d features kept by %s", len(selected), len(kept), len(norm_features), list(feature_select))
+    log.info(
+        "%d wells; %d of %d features kept by %s",
+        len(selected),
+        len(kept),
+        len(norm_features),
+        list(feature_select),
+    )
     treatment_profiles = consensus_profiles(selected, kept, consensus)
     paths = {name: out_dir / f"{name}.parquet" for name in ("well", "normalized", "selected", "consensus")}
     write_parquet(_as_float32(wells, features), paths["well"])
@@ -371,11 +431,21 @@ def build_profiles(
 
 def _run(args: argparse.Namespace) -> None:
     paths = build_profiles(
-        args.features, args.out, aggregate=args.aggregate, normalize=args.normalize,
-        feature_select=args.feature_select, consensus=args.consensus, correction_alpha=args.correction_alpha,
-        mad_epsilon=args.mad_epsilon, spherize_method=args.spherize_method, spherize_epsilon=args.spherize_epsilon,
-        na_cutoff=args.na_cutoff, corr_threshold=args.corr_threshold, freq_cut=args.freq_cut,
-        unique_cut=args.unique_cut, outlier_cutoff=args.outlier_cutoff,
+        args.features,
+        args.out,
+        aggregate=args.aggregate,
+        normalize=args.normalize,
+        feature_select=args.feature_select,
+        consensus=args.consensus,
+        correction_alpha=args.correction_alpha,
+        mad_epsilon=args.mad_epsilon,
+        spherize_method=args.spherize_method,
+        spherize_epsilon=args.spherize_epsilon,
+        na_cutoff=args.na_cutoff,
+        corr_threshold=args.corr_threshold,
+        freq_cut=args.freq_cut,
+        unique_cut=args.unique_cut,
+        outlier_cutoff=args.outlier_cutoff,
     )
     for path in paths.values():
         print(path)
@@ -383,20 +453,35 @@ def _run(args: argparse.Namespace) -> None:
 
 def register_cli(subparsers) -> None:
     parser = subparsers.add_parser(
-        "profiles", help="site features -> well/normalized/selected/consensus profiles (pycytominer)",
+        "profiles",
+        help="site features -> well/normalized/selected/consensus profiles (pycytominer)",
         description=__doc__.splitlines()[0],
     )
     parser.add_argument("--features", nargs="+", required=True, help="features/<set>/<plate>.parquet files")
     parser.add_argument("--out", required=True, help="output folder profiles/<set>")
     parser.add_argument("--aggregate", default="median", choices=AGGREGATE_OPERATIONS, help="sites -> wells")
-    parser.add_argument("--normalize", default="mad_robustize", choices=NORMALIZE_METHODS,
-                        help="per-plate against negcon wells, or spherize (fit on negcon wells)")
-    parser.add_argument("--feature-select", nargs="*",
-                        default=["drop_na_columns", "variance_threshold", "correlation_threshold", "drop_outliers"],
-                        metavar="OP", help=f"pycytominer operations in order, drop_na_columns first; from {FEATURE_SELECT_OPERATIONS}")
-    parser.add_argument("--consensus", default="median", choices=CONSENSUS_OPERATIONS, help="wells -> treatment")
-    parser.add_argument("--correction-alpha", type=float, default=0.0,
-                        help="subtract alpha x mean negcon site profile per plate (0 = off; paper 0.7)")
+    parser.add_argument(
+        "--normalize",
+        default="mad_robustize",
+        choices=NORMALIZE_METHODS,
+        help="per-plate against negcon wells, or spherize (fit on negcon wells)",
+    )
+    parser.add_argument(
+        "--feature-select",
+        nargs="*",
+        default=["drop_na_columns", "variance_threshold", "correlation_threshold", "drop_outliers"],
+        metavar="OP",
+        help=f"pycytominer operations in order, drop_na_columns first; from {FEATURE_SELECT_OPERATIONS}",
+    )
+    parser.add_argument(
+        "--consensus", default="median", choices=CONSENSUS_OPERATIONS, help="wells -> treatment"
+    )
+    parser.add_argument(
+        "--correction-alpha",
+        type=float,
+        default=0.0,
+        help="subtract alpha x mean negcon site profile per plate (0 = off; paper 0.7)",
+    )
     parser.add_argument("--mad-epsilon", type=float, default=1e-18, help="mad_robustize epsilon")
     parser.add_argument("--spherize-method", default="ZCA-cor", choices=SPHERIZE_METHODS)
     parser.add_argument("--spherize-epsilon", type=float, default=1e-6, help="sphering regularization")

@@ -21,9 +21,9 @@ import io
 import logging
 import re
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -230,7 +230,9 @@ def section_summary(results: Path, manifest: pd.DataFrame | None, sets: Sequence
     treatment = manifest.get("Metadata_Treatment", pd.Series("", index=manifest.index)).astype(str)
     is_control = pert.isin(["negcon", "poscon"])
     moa = manifest.get("Metadata_moa", pd.Series("", index=manifest.index)).fillna("").astype(str)
-    moa_labels = sorted({label.strip() for value in moa.unique() for label in value.split("|") if label.strip()})
+    moa_labels = sorted(
+        {label.strip() for value in moa.unique() for label in value.split("|") if label.strip()}
+    )
 
     facts = [
         ("Plates", f"{manifest['Metadata_Plate'].nunique():,}"),
@@ -249,8 +251,12 @@ def section_summary(results: Path, manifest: pd.DataFrame | None, sets: Sequence
         ctrl = manifest[is_control].assign(control_type=pert[is_control], treatment=treatment[is_control])
         ctrl_table = (
             ctrl.groupby(["control_type", "treatment"])
-            .apply(lambda g: pd.Series({"wells": len(g[["Metadata_Plate", "Metadata_Well"]].drop_duplicates()),
-                                        "sites": len(g)}), include_groups=False)
+            .apply(
+                lambda g: pd.Series(
+                    {"wells": len(g[["Metadata_Plate", "Metadata_Well"]].drop_duplicates()), "sites": len(g)}
+                ),
+                include_groups=False,
+            )
             .reset_index()
             .rename(columns={"control_type": "control type"})
         )
@@ -261,8 +267,11 @@ def section_summary(results: Path, manifest: pd.DataFrame | None, sets: Sequence
     per_plate = (
         manifest.assign(_pert=pert)
         .groupby("Metadata_Plate")
-        .agg(wells=("Metadata_Well", "nunique"), sites=("Metadata_Well", "size"),
-             negcon_sites=("_pert", lambda s: int((s == "negcon").sum())))
+        .agg(
+            wells=("Metadata_Well", "nunique"),
+            sites=("Metadata_Well", "size"),
+            negcon_sites=("_pert", lambda s: int((s == "negcon").sum())),
+        )
         .reset_index()
         .rename(columns={"Metadata_Plate": "plate", "negcon_sites": "negative-control sites"})
     )
@@ -288,9 +297,14 @@ def _illumination_qc(results: Path, plates: list[str]) -> str:
         except (OSError, DataError) as exc:
             pictures.append(_error_note(path, exc))
             continue
-        pictures.append(_figure(png, f"illumination functions, plate {path.parent.name}",
-                                f"Illumination functions of plate <b>{_esc(path.parent.name)}</b> "
-                                f"(<code>{_esc(path.relative_to(results))}</code>)."))
+        pictures.append(
+            _figure(
+                png,
+                f"illumination functions, plate {path.parent.name}",
+                f"Illumination functions of plate <b>{_esc(path.parent.name)}</b> "
+                f"(<code>{_esc(path.relative_to(results))}</code>).",
+            )
+        )
     if not pictures:
         return _missing("illumination QC pictures", illum_dir / "<plate>" / "qc.png")
     return f'<div class="gallery">{"".join(pictures)}</div>'
@@ -354,11 +368,13 @@ def _example_tiles(results: Path, plates: list[str], channels: list[str], option
             continue
         try:
             sites = _read_parquet(index_path)
-        except Exception as exc:  # noqa: BLE001 - any reader failure is reported in the page
+        except Exception as exc:
             notes.append(_error_note(index_path, exc))
             continue
         if "Metadata_Treatment" not in sites.columns:
-            notes.append(_note(f"<code>{_esc(index_path)}</code> has no <code>Metadata_Treatment</code> column."))
+            notes.append(
+                _note(f"<code>{_esc(index_path)}</code> has no <code>Metadata_Treatment</code> column.")
+            )
             continue
         pert = sites.get("Metadata_pert_type", pd.Series("trt", index=sites.index)).astype(str)
         for position, (treatment, kind) in enumerate(zip(sites["Metadata_Treatment"].astype(str), pert)):
@@ -378,9 +394,11 @@ def _example_tiles(results: Path, plates: list[str], channels: list[str], option
                 arrays[npy] = np.load(npy, mmap_mode="r")  # memory-mapped: only the used tiles are read
             array = arrays[npy]
             if array.ndim != 4 or position >= array.shape[0]:
-                raise DataError(f"expected (N_sites, C, S, S) with > {position} rows, got shape {array.shape}")
+                raise DataError(
+                    f"expected (N_sites, C, S, S) with > {position} rows, got shape {array.shape}"
+                )
             tile = _thumbnail(_to_unit(array[position]))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             notes.append(_error_note(npy, exc))
             continue
         if first_tile is None:
@@ -394,8 +412,10 @@ def _example_tiles(results: Path, plates: list[str], channels: list[str], option
     names = channels if len(channels) == n_channels else [f"channel {i + 1}" for i in range(n_channels)]
     colour_key = ", ".join(f"{c} = {n}" for c, n in zip(("blue", "green", "red"), names[:3]))
     parts = [f'<div class="tiles">{"".join(cards)}</div>']
-    caption = (f"One site per treatment (the first one imaged), illumination-corrected tile as the model "
-               f"sees it, contrast-stretched per channel: {_esc(colour_key)}.")
+    caption = (
+        f"One site per treatment (the first one imaged), illumination-corrected tile as the model "
+        f"sees it, contrast-stretched per channel: {_esc(colour_key)}."
+    )
     if len(chosen) > len(shown):
         caption += f" Showing {len(shown)} of {len(chosen)} treatments (controls first, then by name)."
     parts.append(f'<p class="caption">{caption}</p>')
@@ -404,9 +424,14 @@ def _example_tiles(results: Path, plates: list[str], channels: list[str], option
         strip = np.concatenate(
             [np.pad(_stretch(ch), ((0, 0), (0, 4)), constant_values=1.0) for ch in tile], axis=1
         )[:, :-4]
-        parts.append(_figure(_array_to_png(strip), f"all channels of one site of {treatment}",
-                             f"All channels of the same site of <b>{_esc(treatment)}</b> (plate "
-                             f"{_esc(plate)}), left to right: {_esc(', '.join(names))}."))
+        parts.append(
+            _figure(
+                _array_to_png(strip),
+                f"all channels of one site of {treatment}",
+                f"All channels of the same site of <b>{_esc(treatment)}</b> (plate "
+                f"{_esc(plate)}), left to right: {_esc(', '.join(names))}.",
+            )
+        )
     return "\n".join(notes + parts)
 
 
@@ -434,12 +459,16 @@ def _cell_count_heatmaps(results: Path, plates: list[str]) -> str:
             schema_names = pq.read_schema(path).names
             column = _count_column(pd.DataFrame(columns=schema_names))
             if column is None:
-                parts.append(_note(f"No <code>Count_*</code> column in <code>{_esc(path.relative_to(results))}</code>; "
-                                   "cell counts not shown for this plate."))
+                parts.append(
+                    _note(
+                        f"No <code>Count_*</code> column in <code>{_esc(path.relative_to(results))}</code>; "
+                        "cell counts not shown for this plate."
+                    )
+                )
                 continue
             # Read only the columns needed: classic feature tables have thousands of columns.
             df = pd.read_parquet(path, columns=["Metadata_Well", column])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             parts.append(_error_note(path, exc))
             continue
         per_well = df.groupby("Metadata_Well")[column].sum()
@@ -447,11 +476,17 @@ def _cell_count_heatmaps(results: Path, plates: list[str]) -> str:
         positions = {w: _well_position(w) for w in per_well.index}
         if any(p is None for p in positions.values()):
             bad = [w for w, p in positions.items() if p is None][:3]
-            parts.append(_note(f"Plate {_esc(path.stem)}: well names such as {_esc(bad)} are not "
-                               "A01/r01c01-style, so no plate map; summary only: "
-                               f"median {per_well.median():.0f} cells per well."))
+            parts.append(
+                _note(
+                    f"Plate {_esc(path.stem)}: well names such as {_esc(bad)} are not "
+                    "A01/r01c01-style, so no plate map; summary only: "
+                    f"median {per_well.median():.0f} cells per well."
+                )
+            )
             continue
-        rows, cols = _plate_shape(max(p[0] for p in positions.values()), max(p[1] for p in positions.values()))
+        rows, cols = _plate_shape(
+            max(p[0] for p in positions.values()), max(p[1] for p in positions.values())
+        )
         grid = np.full((rows, cols), np.nan)
         for well, (r, c) in positions.items():
             grid[r, c] = per_well[well]
@@ -465,10 +500,12 @@ def _cell_count_heatmaps(results: Path, plates: list[str]) -> str:
         ax.set_yticks(range(0, rows, step), [_row_label(r) for r in range(0, rows, step)], fontsize=7)
         ax.set_title(f"Plate {path.stem}: {column} per well", fontsize=10)
         fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="cells per well")
-        caption = (f"Cells per well on plate <b>{_esc(path.stem)}</b>: <code>{_esc(column)}</code> summed over "
-                   f"the well's sites ({int(n_sites.min())}–{int(n_sites.max())} sites per well); grey = no data. "
-                   f"Median {per_well.median():.0f}, range {per_well.min():.0f}–{per_well.max():.0f}. "
-                   "Edge effects or empty wells show up as patterns here.")
+        caption = (
+            f"Cells per well on plate <b>{_esc(path.stem)}</b>: <code>{_esc(column)}</code> summed over "
+            f"the well's sites ({int(n_sites.min())}–{int(n_sites.max())} sites per well); grey = no data. "
+            f"Median {per_well.median():.0f}, range {per_well.min():.0f}–{per_well.max():.0f}. "
+            "Edge effects or empty wells show up as patterns here."
+        )
         figures.append(_figure(_fig_to_png(fig), f"cell counts plate {path.stem}", caption))
     return "\n".join(parts) + (f'<div class="gallery">{"".join(figures)}</div>' if figures else "")
 
@@ -477,9 +514,12 @@ def section_qc(results: Path, manifest: pd.DataFrame | None, options: ReportOpti
     plates = [] if manifest is None else [str(p) for p in pd.unique(manifest["Metadata_Plate"])]
     channels = _channels_from_manifest(manifest)
     body = [
-        "<h3>Illumination correction</h3>", _guard(lambda: _illumination_qc(results, plates), results / "illum"),
-        "<h3>Example sites per treatment</h3>", _guard(lambda: _example_tiles(results, plates, channels, options), results / "tiles"),
-        "<h3>Cell counts per well</h3>", _guard(lambda: _cell_count_heatmaps(results, plates), results / "features" / "classic"),
+        "<h3>Illumination correction</h3>",
+        _guard(lambda: _illumination_qc(results, plates), results / "illum"),
+        "<h3>Example sites per treatment</h3>",
+        _guard(lambda: _example_tiles(results, plates, channels, options), results / "tiles"),
+        "<h3>Cell counts per well</h3>",
+        _guard(lambda: _cell_count_heatmaps(results, plates), results / "features" / "classic"),
     ]
     return _section("qc", "Quality control", "\n".join(body))
 
@@ -514,7 +554,9 @@ def _training_figure(history: pd.DataFrame, name: str) -> bytes:
     for ax, column in zip(axes[0], columns):
         for split, part in history.groupby("split", sort=False):
             part = part.sort_values("_x")
-            ax.plot(part["_x"], part[column], styles.get(str(split), "-."), marker="o", ms=3, label=str(split))
+            ax.plot(
+                part["_x"], part[column], styles.get(str(split), "-."), marker="o", ms=3, label=str(split)
+            )
         for b in boundaries[:-1]:
             ax.axvline(b, color="grey", lw=0.8, ls=":")
         ax.set_title(column, fontsize=10)
@@ -542,23 +584,41 @@ def section_training(results: Path, sets: Sequence[str]) -> str:
             if "epoch" not in history.columns:
                 raise DataError(f"no 'epoch' column (has {list(history.columns)})")
             png = _training_figure(history, name)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             parts.append(_error_note(path, exc))
             continue
-        final = history.groupby(["stage", "split"], sort=False).tail(1) if {"stage", "split"} <= set(history.columns) else history.tail(1)
+        final = (
+            history.groupby(["stage", "split"], sort=False).tail(1)
+            if {"stage", "split"} <= set(history.columns)
+            else history.tail(1)
+        )
         final = final[[c for c in ("stage", "split", "epoch", *_LOSS_COLUMNS) if c in final.columns]]
         parts.append(f"<h3>Model {_esc(name)}</h3>")
-        parts.append(_figure(png, f"training curves of {name}",
-                             f"Losses per epoch of <b>{_esc(name)}</b> from <code>{_esc(path.relative_to(results))}</code>; "
-                             "dotted vertical line = start of the next training stage (stage 1 regression only, "
-                             "stage 2 regression + classification + contrastive). Loss = 1·contrastive + 100·MSE + 0.1·CE."))
-        parts.append("<p>Last epoch of each stage and split:</p>" + _table(final.reset_index(drop=True), float_format="{:.4g}"))
+        parts.append(
+            _figure(
+                png,
+                f"training curves of {name}",
+                f"Losses per epoch of <b>{_esc(name)}</b> from <code>{_esc(path.relative_to(results))}</code>; "
+                "dotted vertical line = start of the next training stage (stage 1 regression only, "
+                "stage 2 regression + classification + contrastive). Loss = 1·contrastive + 100·MSE + 0.1·CE.",
+            )
+        )
+        parts.append(
+            "<p>Last epoch of each stage and split:</p>"
+            + _table(final.reset_index(drop=True), float_format="{:.4g}")
+        )
     for name in trained:
         if not (model_dir / name / "history.csv").is_file():
-            parts.append(_missing(f"training history of feature set {name}", model_dir / name / "history.csv"))
+            parts.append(
+                _missing(f"training history of feature set {name}", model_dir / name / "history.csv")
+            )
     if not parts:
-        parts.append(_note("No model was trained in this run (only baseline feature sets "
-                           f"{_esc(', '.join(sets) or '–')}), so there are no training curves."))
+        parts.append(
+            _note(
+                "No model was trained in this run (only baseline feature sets "
+                f"{_esc(', '.join(sets) or '–')}), so there are no training curves."
+            )
+        )
     return _section("training", "Training curves", "\n".join(parts))
 
 
@@ -574,8 +634,10 @@ def section_metrics(results: Path, sets: Sequence[str]) -> str:
     summary = _read_parquet(path)
     missing = {"set", "metric", "value"} - set(summary.columns)
     if missing:
-        raise DataError(f"{path}: missing columns {sorted(missing)}; expected one row per (set, metric) "
-                        f"with columns set, metric, value (has {list(summary.columns)})")
+        raise DataError(
+            f"{path}: missing columns {sorted(missing)}; expected one row per (set, metric) "
+            f"with columns set, metric, value (has {list(summary.columns)})"
+        )
     summary = summary.copy()
     summary["value"] = pd.to_numeric(summary["value"], errors="coerce")
     # 'variant' tells the published flavours apart (e.g. map_interpolated vs map_ap); keep it
@@ -599,16 +661,24 @@ def section_metrics(results: Path, sets: Sequence[str]) -> str:
         # Several values for one (set, metric, variant): say so rather than pick one silently.
         pairs = summary.loc[duplicated, ["set", "_row"]].drop_duplicates().head(5)
         listed = ", ".join(f"{a}/{b}" for a, b in zip(pairs["set"], pairs["_row"]))
-        parts.append(f'<p class="note error">{int(duplicated.sum())} duplicate (set, metric, variant) rows in '
-                     f"<code>{_esc(path)}</code> (e.g. {_esc(listed)}); the table shows the first of each.</p>")
+        parts.append(
+            f'<p class="note error">{int(duplicated.sum())} duplicate (set, metric, variant) rows in '
+            f"<code>{_esc(path)}</code> (e.g. {_esc(listed)}); the table shows the first of each.</p>"
+        )
     absent = [s for s in sets if s not in table.columns]
     if absent:
-        parts.append(_note(f"No metrics for feature set(s) {_esc(', '.join(absent))} in <code>{_esc(path)}</code>."))
-    parts.append(_caption("Feature sets side by side, evaluated on the same wells (one row per metric and variant, "
-                       "from <code>eval/summary.parquet</code>). mAP: copairs mean average precision (activity = "
-                       "replicates vs. negative controls; consistency = treatments sharing an MoA). FoE: folds of "
-                       "enrichment in the top 1 % most similar treatments. Recall@k: share of same-MoA treatments "
-                       "among the top k %. Cosine similarity throughout."))
+        parts.append(
+            _note(f"No metrics for feature set(s) {_esc(', '.join(absent))} in <code>{_esc(path)}</code>.")
+        )
+    parts.append(
+        _caption(
+            "Feature sets side by side, evaluated on the same wells (one row per metric and variant, "
+            "from <code>eval/summary.parquet</code>). mAP: copairs mean average precision (activity = "
+            "replicates vs. negative controls; consistency = treatments sharing an MoA). FoE: folds of "
+            "enrichment in the top 1 % most similar treatments. Recall@k: share of same-MoA treatments "
+            "among the top k %. Cosine similarity throughout."
+        )
+    )
     chart = _metrics_chart(table)
     if chart is not None:
         parts.append(_figure(chart, "metrics bar chart", "The same metrics as bars, one panel per metric."))
@@ -627,8 +697,11 @@ def _metrics_chart(table: pd.DataFrame) -> bytes | None:
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.3 * rows), squeeze=False)
     colours = plt.get_cmap("tab10")
     for ax, (metric, values) in zip(axes.flat, table.iterrows()):
-        ax.bar(range(len(values)), values.to_numpy(dtype=float),
-               color=[colours(i % 10) for i in range(len(values))])
+        ax.bar(
+            range(len(values)),
+            values.to_numpy(dtype=float),
+            color=[colours(i % 10) for i in range(len(values))],
+        )
         ax.set_xticks(range(len(values)), list(values.index), rotation=30, ha="right", fontsize=7)
         ax.set_title(str(metric), fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
@@ -638,8 +711,9 @@ def _metrics_chart(table: pd.DataFrame) -> bytes | None:
     return _fig_to_png(fig)
 
 
-def _find_column(df: pd.DataFrame, *candidates: str, contains: str | None = None,
-                 exclude: str | None = None) -> str | None:
+def _find_column(
+    df: pd.DataFrame, *candidates: str, contains: str | None = None, exclude: str | None = None
+) -> str | None:
     for name in candidates:
         if name in df.columns:
             return name
@@ -657,8 +731,10 @@ def _read_activity(path: Path) -> pd.DataFrame:
     treatment = _find_column(df, "Metadata_Treatment", contains="treatment")
     ap = _find_column(df, "mean_average_precision", contains="average_precision")
     if treatment is None or ap is None:
-        raise DataError(f"{path}: expected a treatment column (e.g. Metadata_Treatment) and a column "
-                        f"containing 'average_precision'; has {list(df.columns)}")
+        raise DataError(
+            f"{path}: expected a treatment column (e.g. Metadata_Treatment) and a column "
+            f"containing 'average_precision'; has {list(df.columns)}"
+        )
     p_value = _find_column(df, "corrected_p_value", contains="corrected_p", exclude="below")
     below = _find_column(df, "below_corrected_p", contains="below")
     label = df[treatment].astype(str)
@@ -677,8 +753,11 @@ def _read_activity(path: Path) -> pd.DataFrame:
     else:
         out["significant"] = pd.NA
     # copairs can give one row per treatment and plate grouping; one value per treatment here.
-    return out.groupby("treatment", sort=False).agg(
-        map=("map", "mean"), p=("p", "min"), significant=("significant", "max")).reset_index()
+    return (
+        out.groupby("treatment", sort=False)
+        .agg(map=("map", "mean"), p=("p", "min"), significant=("significant", "max"))
+        .reset_index()
+    )
 
 
 def section_map(results: Path, sets: Sequence[str], options: ReportOptions) -> str:
@@ -691,7 +770,7 @@ def section_map(results: Path, sets: Sequence[str], options: ReportOptions) -> s
             continue
         try:
             per_set[name] = _read_activity(path)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             notes.append(_error_note(path, exc))
     if not per_set:
         return _section("map", "mAP per treatment (phenotypic activity)", "\n".join(notes))
@@ -699,10 +778,16 @@ def section_map(results: Path, sets: Sequence[str], options: ReportOptions) -> s
     summary_rows = []
     for name, df in per_set.items():
         known = df["significant"].dropna()
-        summary_rows.append({
-            "feature set": name, "treatments": len(df), "mean mAP": float(df["map"].mean()),
-            "fraction retrieved (corrected p < 0.05)": float(known.astype(bool).mean()) if len(known) else np.nan,
-        })
+        summary_rows.append(
+            {
+                "feature set": name,
+                "treatments": len(df),
+                "mean mAP": float(df["map"].mean()),
+                "fraction retrieved (corrected p < 0.05)": float(known.astype(bool).mean())
+                if len(known)
+                else np.nan,
+            }
+        )
     parts = ["<h3>Per feature set</h3>", _table(pd.DataFrame(summary_rows))]
 
     plt = _plt()
@@ -714,14 +799,20 @@ def section_map(results: Path, sets: Sequence[str], options: ReportOptions) -> s
     ax.set_ylabel("mAP (activity)", fontsize=9)
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
-    parts.append(_figure(_fig_to_png(fig), "mAP per treatment, ranked",
-                         "mAP of each treatment's replicate wells against negative-control wells, sorted; "
-                         "a curve further up and to the right = more treatments distinguishable from controls."))
+    parts.append(
+        _figure(
+            _fig_to_png(fig),
+            "mAP per treatment, ranked",
+            "mAP of each treatment's replicate wells against negative-control wells, sorted; "
+            "a curve further up and to the right = more treatments distinguishable from controls.",
+        )
+    )
 
     merged = None
     for name, df in per_set.items():
         column = df.set_index("treatment")[["map", "significant"]].rename(
-            columns={"map": name, "significant": f"_sig_{name}"})
+            columns={"map": name, "significant": f"_sig_{name}"}
+        )
         merged = column if merged is None else merged.join(column, how="outer")
     merged["_mean"] = merged[list(per_set)].mean(axis=1)
     merged = merged.sort_values("_mean", ascending=False)
@@ -740,10 +831,14 @@ def section_map(results: Path, sets: Sequence[str], options: ReportOptions) -> s
             cells.append(f"<td{mark}>{value:.3f}</td>")
         rows.append(f"<tr><td>{_esc(treatment)}</td>{''.join(cells)}</tr>")
     parts.append("<h3>Per treatment</h3>")
-    parts.append(f'<div class="table-wrap"><table class="map"><thead><tr>{head}</tr></thead>'
-                 f'<tbody>{"".join(rows)}</tbody></table></div>')
-    caption = ("mAP per treatment (rows sorted by mean mAP over feature sets); "
-               '<span class="sig">shaded</span> = retrieved, i.e. BH-corrected p &lt; 0.05.')
+    parts.append(
+        f'<div class="table-wrap"><table class="map"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
+    caption = (
+        "mAP per treatment (rows sorted by mean mAP over feature sets); "
+        '<span class="sig">shaded</span> = retrieved, i.e. BH-corrected p &lt; 0.05.'
+    )
     if len(merged) > len(shown):
         caption += f" Showing the top {len(shown)} of {len(merged)} treatments."
     parts.append(f'<p class="caption">{caption}</p>')
@@ -758,15 +853,22 @@ def _embed_2d(features: np.ndarray, options: ReportOptions) -> tuple[np.ndarray,
         neighbors = min(options.umap_neighbors, n - 1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "n_jobs overridden by random_state" etc.
-            reducer = umap.UMAP(n_neighbors=neighbors, min_dist=options.umap_min_dist, metric="cosine",
-                                random_state=options.seed, init="spectral" if n > neighbors + 2 else "random")
+            reducer = umap.UMAP(
+                n_neighbors=neighbors,
+                min_dist=options.umap_min_dist,
+                metric="cosine",
+                random_state=options.seed,
+                init="spectral" if n > neighbors + 2 else "random",
+            )
             coords = reducer.fit_transform(features)
         return coords, f"UMAP (cosine, n_neighbors={neighbors}, min_dist={options.umap_min_dist})"
     from sklearn.decomposition import PCA
 
     coords = PCA(n_components=2, random_state=options.seed).fit_transform(features)
-    return coords, (f"PCA, first two components — only {n} wells, fewer than {options.umap_min_wells}, "
-                    "too few for a meaningful UMAP neighbourhood graph")
+    return coords, (
+        f"PCA, first two components — only {n} wells, fewer than {options.umap_min_wells}, "
+        "too few for a meaningful UMAP neighbourhood graph"
+    )
 
 
 def _umap_for_set(results: Path, name: str, options: ReportOptions) -> str:
@@ -780,8 +882,10 @@ def _umap_for_set(results: Path, name: str, options: ReportOptions) -> str:
     features = np.nan_to_num(features[:, keep])
     features = features[:, features.std(axis=0) > 0]
     if features.shape[0] < 3 or features.shape[1] < 2:
-        return _note(f"{_esc(name)}: only {features.shape[0]} wells × {features.shape[1]} informative "
-                     f"features in <code>{_esc(path)}</code>; nothing to embed.")
+        return _note(
+            f"{_esc(name)}: only {features.shape[0]} wells × {features.shape[1]} informative "
+            f"features in <code>{_esc(path)}</code>; nothing to embed."
+        )
     coords, method = _embed_2d(features, options)
     treatment = df.get("Metadata_Treatment", pd.Series("?", index=df.index)).astype(str)
     moa = df.get("Metadata_moa", pd.Series("", index=df.index)).fillna("").astype(str)
@@ -792,22 +896,32 @@ def _umap_for_set(results: Path, name: str, options: ReportOptions) -> str:
 
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, labels, title in ((axes[0], colour_by, "MoA (controls: treatment)" if by_moa else "treatment"),
-                              (axes[1], plate, "plate")):
+    for ax, labels, title in (
+        (axes[0], colour_by, "MoA (controls: treatment)" if by_moa else "treatment"),
+        (axes[1], plate, "plate"),
+    ):
         colours, palette, n_other = _categorical_colors(labels, options.legend_entries)
         ax.scatter(coords[:, 0], coords[:, 1], c=colours, s=22, edgecolors="white", linewidths=0.4)
-        handles = [plt.Line2D([], [], ls="", marker="o", color=c, label=l[:40]) for l, c in palette.items()]
+        handles = [
+            plt.Line2D([], [], ls="", marker="o", color=c, label=name[:40]) for name, c in palette.items()
+        ]
         if n_other:
-            handles.append(plt.Line2D([], [], ls="", marker="o", color=(0.75, 0.75, 0.75), label=f"other ({n_other} wells)"))
+            handles.append(
+                plt.Line2D(
+                    [], [], ls="", marker="o", color=(0.75, 0.75, 0.75), label=f"other ({n_other} wells)"
+                )
+            )
         ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
         ax.set_title(f"{name}: coloured by {title}", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    caption = (f"<b>{_esc(name)}</b>: {len(df)} well profiles from <code>{_esc(path.relative_to(results))}</code>, "
-               f"{features.shape[1]} informative features, embedded with {_esc(method)}. Replicate wells of "
-               "an active treatment should cluster together and away from the controls; clustering by plate "
-               "instead signals a batch effect.")
+    caption = (
+        f"<b>{_esc(name)}</b>: {len(df)} well profiles from <code>{_esc(path.relative_to(results))}</code>, "
+        f"{features.shape[1]} informative features, embedded with {_esc(method)}. Replicate wells of "
+        "an active treatment should cluster together and away from the controls; clustering by plate "
+        "instead signals a batch effect."
+    )
     return _figure(_fig_to_png(fig), f"2-D embedding of {name}", caption)
 
 
@@ -815,15 +929,19 @@ def section_umap(results: Path, sets: Sequence[str], options: ReportOptions) -> 
     parts = []
     for name in sets:
         parts.append(f"<h3>{_esc(name)}</h3>")
-        parts.append(_guard(lambda name=name: _umap_for_set(results, name, options),
-                            results / "profiles" / name / "normalized.parquet"))
+        parts.append(
+            _guard(
+                lambda name=name: _umap_for_set(results, name, options),
+                results / "profiles" / name / "normalized.parquet",
+            )
+        )
     if not parts:
         parts.append(_note("No feature sets were named."))
     return _section("umap", "Well profiles in 2-D (UMAP)", "\n".join(parts))
 
 
 def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
@@ -831,14 +949,16 @@ def section_runtimes(results: Path) -> str:
     bench_dir = results / "benchmarks"
     files = sorted(bench_dir.rglob("*.tsv")) if bench_dir.is_dir() else []
     if not files:
-        return _section("runtimes", "Runtimes", _missing("Snakemake benchmark files", bench_dir / "<rule>" / "*.tsv"))
+        return _section(
+            "runtimes", "Runtimes", _missing("Snakemake benchmark files", bench_dir / "<rule>" / "*.tsv")
+        )
     rows, notes = [], []
     for path in files:
         try:
             bench = pd.read_csv(path, sep="\t")
             if "s" not in bench.columns:
                 raise DataError(f"no 's' column (has {list(bench.columns)})")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             notes.append(_error_note(path, exc))
             continue
         rule = path.relative_to(bench_dir).parts[0]
@@ -852,27 +972,40 @@ def section_runtimes(results: Path) -> str:
     if not rows:
         return _section("runtimes", "Runtimes", "\n".join(notes))
     jobs = pd.DataFrame(rows)
-    per_rule = jobs.groupby("rule").agg(jobs=("s", "size"), total_s=("s", "sum"), longest_s=("s", "max"),
-                                        cpu_s=("cpu", "sum"), peak_rss_mb=("max_rss", "max"))
+    per_rule = jobs.groupby("rule").agg(
+        jobs=("s", "size"),
+        total_s=("s", "sum"),
+        longest_s=("s", "max"),
+        cpu_s=("cpu", "sum"),
+        peak_rss_mb=("max_rss", "max"),
+    )
     per_rule = per_rule.sort_values("total_s", ascending=False)
-    table = pd.DataFrame({
-        "rule": per_rule.index, "jobs": per_rule["jobs"].astype(int).to_numpy(),
-        "wall time (sum)": [_hms(s) for s in per_rule["total_s"]],
-        "seconds (sum)": per_rule["total_s"].to_numpy(),
-        "longest job (s)": per_rule["longest_s"].to_numpy(),
-        "CPU seconds": per_rule["cpu_s"].to_numpy(),
-        "peak memory (MB)": per_rule["peak_rss_mb"].to_numpy(),
-    })
+    table = pd.DataFrame(
+        {
+            "rule": per_rule.index,
+            "jobs": per_rule["jobs"].astype(int).to_numpy(),
+            "wall time (sum)": [_hms(s) for s in per_rule["total_s"]],
+            "seconds (sum)": per_rule["total_s"].to_numpy(),
+            "longest job (s)": per_rule["longest_s"].to_numpy(),
+            "CPU seconds": per_rule["cpu_s"].to_numpy(),
+            "peak memory (MB)": per_rule["peak_rss_mb"].to_numpy(),
+        }
+    )
     parts = notes + [_table(table, float_format="{:,.1f}")]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 0.5 + 0.32 * len(per_rule)))
     ax.barh(per_rule.index[::-1], per_rule["total_s"].to_numpy()[::-1], color="#4c78a8")
     ax.set_xlabel("wall-clock seconds, summed over jobs", fontsize=9)
     ax.tick_params(labelsize=8)
-    parts.append(_figure(_fig_to_png(fig), "runtime per rule",
-                         f"Wall-clock time per rule from {len(jobs)} Snakemake benchmark files under "
-                         "<code>benchmarks/</code>; jobs that ran in parallel are summed, so the total is the "
-                         "compute spent, not the elapsed time."))
+    parts.append(
+        _figure(
+            _fig_to_png(fig),
+            "runtime per rule",
+            f"Wall-clock time per rule from {len(jobs)} Snakemake benchmark files under "
+            "<code>benchmarks/</code>; jobs that ran in parallel are summed, so the total is the "
+            "compute spent, not the elapsed time.",
+        )
+    )
     return _section("runtimes", "Runtimes", "\n".join(parts))
 
 
@@ -941,7 +1074,9 @@ SECTIONS = (
 )
 
 
-def _guard(build: Callable[[], str], path: Path | str | None = None, section: tuple[str, str] | None = None) -> str:
+def _guard(
+    build: Callable[[], str], path: Path | str | None = None, section: tuple[str, str] | None = None
+) -> str:
     """Run one part of the report; a broken input becomes a visible note, not a failed report.
 
     A half-written or malformed upstream file should not cost the reader every other section,
@@ -955,16 +1090,19 @@ def _guard(build: Callable[[], str], path: Path | str | None = None, section: tu
         return _section(*section, note) if section else note
 
 
-def build_report(results_dir: str | Path, *, sets: Sequence[str] | None = None,
-                 options: ReportOptions = ReportOptions()) -> str:
+def build_report(
+    results_dir: str | Path, *, sets: Sequence[str] | None = None, options: ReportOptions = ReportOptions()
+) -> str:
     """Return the report of ``results_dir`` (``results/<dataset>``) as one HTML string."""
     results = Path(results_dir)
     if not results.is_dir():
         raise DataError(f"results folder {results} does not exist")
-    for key, value, minimum in (("umap_neighbors", options.umap_neighbors, 2),
-                                ("umap_min_wells", options.umap_min_wells, 3),
-                                ("example_treatments", options.example_treatments, 0),
-                                ("table_rows", options.table_rows, 1)):
+    for key, value, minimum in (
+        ("umap_neighbors", options.umap_neighbors, 2),
+        ("umap_min_wells", options.umap_min_wells, 3),
+        ("example_treatments", options.example_treatments, 0),
+        ("table_rows", options.table_rows, 1),
+    ):
         if value < minimum:
             raise ConfigError(f"report.{key} must be ≥ {minimum}, got {value}")
     if options.umap_min_dist < 0:
@@ -977,7 +1115,7 @@ def build_report(results_dir: str | Path, *, sets: Sequence[str] | None = None,
             manifest = _read_parquet(manifest_path)
             if "Metadata_Plate" not in manifest.columns:
                 raise DataError(f"{manifest_path}: no Metadata_Plate column")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             manifest, manifest_error = None, _error_note(manifest_path, exc)
     if sets is None or len(sets) == 0:
         sets = _discover_sets(results)
@@ -985,19 +1123,32 @@ def build_report(results_dir: str | Path, *, sets: Sequence[str] | None = None,
     title = options.title or f"PhenoProfiler report: {results.name}"
 
     built = [
-        _guard(lambda: section_summary(results, manifest, sets), manifest_path, ("summary", "Dataset summary"))
-        if not manifest_error else _section("summary", "Dataset summary", manifest_error),
+        _guard(
+            lambda: section_summary(results, manifest, sets), manifest_path, ("summary", "Dataset summary")
+        )
+        if not manifest_error
+        else _section("summary", "Dataset summary", manifest_error),
         _guard(lambda: section_qc(results, manifest, options), results, ("qc", "Quality control")),
         _guard(lambda: section_training(results, sets), results / "model", ("training", "Training curves")),
-        _guard(lambda: section_metrics(results, sets), results / "eval" / "summary.parquet", ("metrics", "Metrics")),
-        _guard(lambda: section_map(results, sets, options), results / "eval",
-               ("map", "mAP per treatment (phenotypic activity)")),
-        _guard(lambda: section_umap(results, sets, options), results / "profiles",
-               ("umap", "Well profiles in 2-D (UMAP)")),
+        _guard(
+            lambda: section_metrics(results, sets),
+            results / "eval" / "summary.parquet",
+            ("metrics", "Metrics"),
+        ),
+        _guard(
+            lambda: section_map(results, sets, options),
+            results / "eval",
+            ("map", "mAP per treatment (phenotypic activity)"),
+        ),
+        _guard(
+            lambda: section_umap(results, sets, options),
+            results / "profiles",
+            ("umap", "Well profiles in 2-D (UMAP)"),
+        ),
         _guard(lambda: section_runtimes(results), results / "benchmarks", ("runtimes", "Runtimes")),
     ]
     nav = "".join(f'<a href="#{sid}">{_esc(label)}</a>' for sid, label in SECTIONS)
-    generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    generated = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -1008,7 +1159,7 @@ def build_report(results_dir: str | Path, *, sets: Sequence[str] | None = None,
 </head>
 <body>
 <header><h1>{_esc(title)}</h1>
-<p>Results folder <code>{_esc(results.name)}</code> · feature sets: {_esc(', '.join(sets) or '–')} · generated {generated}</p></header>
+<p>Results folder <code>{_esc(results.name)}</code> · feature sets: {_esc(", ".join(sets) or "–")} · generated {generated}</p></header>
 <nav>{nav}</nav>
 <main>
 {chr(10).join(built)}
@@ -1029,8 +1180,13 @@ def _discover_sets(results: Path) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def write_report(results_dir: str | Path, out: str | Path, *, sets: Sequence[str] | None = None,
-                 options: ReportOptions = ReportOptions()) -> Path:
+def write_report(
+    results_dir: str | Path,
+    out: str | Path,
+    *,
+    sets: Sequence[str] | None = None,
+    options: ReportOptions = ReportOptions(),
+) -> Path:
     page = build_report(results_dir, sets=sets, options=options)
     write_text(page, out)
     return Path(out)
@@ -1044,32 +1200,58 @@ def register_cli(subparsers) -> None:
         "report",
         help="write the self-contained HTML benchmark report of one results folder",
         description="Collect manifest, QC, training history, metrics, profiles and benchmarks of "
-                    "results/<dataset> into one offline HTML page. Missing inputs become notes.",
+        "results/<dataset> into one offline HTML page. Missing inputs become notes.",
     )
     parser.add_argument("--results-dir", required=True, type=Path, help="results/<dataset> folder")
-    parser.add_argument("--sets", nargs="*", default=None,
-                        help="feature sets to compare, in display order (default: all found on disk)")
-    parser.add_argument("--title", default=None, help="page title (default: 'PhenoProfiler report: <dataset>')")
+    parser.add_argument(
+        "--sets",
+        nargs="*",
+        default=None,
+        help="feature sets to compare, in display order (default: all found on disk)",
+    )
+    parser.add_argument(
+        "--title", default=None, help="page title (default: 'PhenoProfiler report: <dataset>')"
+    )
     parser.add_argument("--out", required=True, type=Path, help="output HTML file")
     defaults = ReportOptions()
-    parser.add_argument("--umap-neighbors", type=int, default=defaults.umap_neighbors,
-                        help="UMAP n_neighbors (capped at the number of wells - 1)")
+    parser.add_argument(
+        "--umap-neighbors",
+        type=int,
+        default=defaults.umap_neighbors,
+        help="UMAP n_neighbors (capped at the number of wells - 1)",
+    )
     parser.add_argument("--umap-min-dist", type=float, default=defaults.umap_min_dist, help="UMAP min_dist")
-    parser.add_argument("--umap-min-wells", type=int, default=defaults.umap_min_wells,
-                        help="below this many wells, PCA replaces UMAP")
-    parser.add_argument("--example-treatments", type=int, default=defaults.example_treatments,
-                        help="at most this many treatments get an example tile")
-    parser.add_argument("--table-rows", type=int, default=defaults.table_rows,
-                        help="at most this many treatments in the mAP table")
+    parser.add_argument(
+        "--umap-min-wells",
+        type=int,
+        default=defaults.umap_min_wells,
+        help="below this many wells, PCA replaces UMAP",
+    )
+    parser.add_argument(
+        "--example-treatments",
+        type=int,
+        default=defaults.example_treatments,
+        help="at most this many treatments get an example tile",
+    )
+    parser.add_argument(
+        "--table-rows",
+        type=int,
+        default=defaults.table_rows,
+        help="at most this many treatments in the mAP table",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed of UMAP/PCA")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> None:
     options = ReportOptions(
-        title=args.title or None, umap_neighbors=args.umap_neighbors, umap_min_dist=args.umap_min_dist,
-        umap_min_wells=args.umap_min_wells, example_treatments=args.example_treatments,
-        table_rows=args.table_rows, seed=args.seed,
+        title=args.title or None,
+        umap_neighbors=args.umap_neighbors,
+        umap_min_dist=args.umap_min_dist,
+        umap_min_wells=args.umap_min_wells,
+        example_treatments=args.example_treatments,
+        table_rows=args.table_rows,
+        seed=args.seed,
     )
     out = write_report(args.results_dir, args.out, sets=args.sets, options=options)
     log.info("wrote %s", out)

@@ -18,7 +18,6 @@ Each image is decoded once; the rescale needs the whole plate's range, hence the
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -50,12 +49,16 @@ def resize_stack(stack: np.ndarray, size: int) -> np.ndarray:
     return out.numpy()
 
 
-def corrected_site(row, channels: list[str], functions: dict[str, np.ndarray] | None, shape=None, dtype=None) -> np.ndarray:
+def corrected_site(
+    row, channels: list[str], functions: dict[str, np.ndarray] | None, shape=None, dtype=None
+) -> np.ndarray:
     """(C, H, W) float32 illumination-corrected pixels of one site (raw / function)."""
     first = read_image(row[f"Path_{channels[0]}"]).shape if shape is None else shape
     out = np.empty((len(channels),) + tuple(first), np.float32)
     for k, channel in enumerate(channels):
-        dtype = _read_plane(row[f"Path_{channel}"], functions[channel] if functions else None, first, dtype, out[k])
+        dtype = _read_plane(
+            row[f"Path_{channel}"], functions[channel] if functions else None, first, dtype, out[k]
+        )
     return out
 
 
@@ -66,7 +69,9 @@ def _read_plane(path, function, shape, dtype, out=None) -> np.ndarray:
     if out is None:
         out = np.empty(image.shape, np.float32)
     elif out.shape != image.shape:
-        raise ImageError(f"image {path} is {image.shape[1]}x{image.shape[0]} px; the other images of this plate are {out.shape[1]}x{out.shape[0]}")
+        raise ImageError(
+            f"image {path} is {image.shape[1]}x{image.shape[0]} px; the other images of this plate are {out.shape[1]}x{out.shape[0]}"
+        )
     if function is not None:
         np.divide(image, function, out=out, dtype=np.float32)
     else:
@@ -147,7 +152,9 @@ def assemble_tiles(
     out_npy.parent.mkdir(parents=True, exist_ok=True)
     scratch_path = out_npy.with_name(f".{stem}.scratch.npy")
     try:
-        scratch = np.lib.format.open_memmap(scratch_path, mode="w+", dtype=np.float32, shape=(n, c, size, size))
+        scratch = np.lib.format.open_memmap(
+            scratch_path, mode="w+", dtype=np.float32, shape=(n, c, size, size)
+        )
         rows = manifest.to_dict("records")
         # the plate's image size and bit depth: from the illumination functions, else the first image
         first = read_image(rows[0][f"Path_{channels[0]}"])
@@ -169,7 +176,14 @@ def assemble_tiles(
             buffer = buffers[b % 2]
             # PIL/tifffile decoding and numpy division release the GIL, so threads overlap them
             return [
-                pool.submit(_read_plane, row[f"Path_{ch}"], functions[ch] if functions else None, shape, dtype_in, buffer[i, k])
+                pool.submit(
+                    _read_plane,
+                    row[f"Path_{ch}"],
+                    functions[ch] if functions else None,
+                    shape,
+                    dtype_in,
+                    buffer[i, k],
+                )
                 for i, row in enumerate(batch_rows)
                 for k, ch in enumerate(channels)
             ]
@@ -192,7 +206,9 @@ def assemble_tiles(
         bar.close()
         scratch.flush()
         if histogram is None:
-            histogram = ChannelHistogram(c, float(lowest.min()), float(max(highest.max(), lowest.min() + 1e-6)))
+            histogram = ChannelHistogram(
+                c, float(lowest.min()), float(max(highest.max(), lowest.min() + 1e-6))
+            )
             for start in range(0, n, batch_size):
                 histogram.add(np.asarray(scratch[start : start + batch_size]))
         low, high = histogram.percentiles(percentiles[0]), histogram.percentiles(percentiles[1])
@@ -226,7 +242,9 @@ def load_tiles(npy: str | Path, mmap: bool = True) -> tuple[np.ndarray, pd.DataF
     """Tiles (memory-mapped) and their site table."""
     npy = Path(npy)
     stem = npy.name[: -len(".npy")]
-    return np.load(npy, mmap_mode="r" if mmap else None), pd.read_parquet(npy.with_name(f"{stem}.sites.parquet"))
+    return np.load(npy, mmap_mode="r" if mmap else None), pd.read_parquet(
+        npy.with_name(f"{stem}.sites.parquet")
+    )
 
 
 def as_float(tiles: np.ndarray) -> np.ndarray:

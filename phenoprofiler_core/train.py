@@ -31,22 +31,32 @@ import json
 import logging
 import random
 import sys
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from torch import nn
-
 from . import io
-from .distributed import (DISTRIBUTED_DEFAULTS, DistContext, all_gather_objects, check_batch_size,
-                          convert_sync_batchnorm, distributed_options, gather_rows, init_distributed,
-                          launched_world, shard, shard_sizes)
+from .distributed import (
+    DISTRIBUTED_DEFAULTS,
+    DistContext,
+    all_gather_objects,
+    check_batch_size,
+    convert_sync_batchnorm,
+    distributed_options,
+    gather_rows,
+    init_distributed,
+    launched_world,
+    shard,
+    shard_sizes,
+)
 from .errors import ConfigError, DataError
 from .model import LossWeights, ModelConfig, PhenoProfilerModel, combine_losses, compute_losses, create_model
 
@@ -79,14 +89,16 @@ class TrainConfig:
     lr_gamma: float = 0.5
     # [[epoch, lr], ...]: the learning rate from that epoch on (replaces the StepLR when given)
     lr_milestones: list[list[float]] = field(default_factory=list)
-    loss_weights: dict[str, float] = field(default_factory=lambda: {"contrastive": 1.0, "mse": 100.0, "ce": 0.1})
+    loss_weights: dict[str, float] = field(
+        default_factory=lambda: {"contrastive": 1.0, "mse": 100.0, "ce": 0.1}
+    )
     precision: str = "auto"
     device: str = "auto"
     num_workers: int = 0
     distributed: dict[str, Any] = field(default_factory=lambda: dict(DISTRIBUTED_DEFAULTS))
 
     @classmethod
-    def from_dict(cls, options: Mapping[str, Any] | None) -> "TrainConfig":
+    def from_dict(cls, options: Mapping[str, Any] | None) -> TrainConfig:
         options = dict(options or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
@@ -101,13 +113,28 @@ class TrainConfig:
         cfg.loss_weights = weights
         cfg.distributed = distributed_options(cfg.distributed)
         checks = [
-            (cfg.level in ("auto", "site", "cell"), f"train.level must be auto, site or cell, got {cfg.level!r}"),
-            (cfg.split in ("plate", "treatment"), f"train.split must be 'plate' or 'treatment', got {cfg.split!r}"),
+            (
+                cfg.level in ("auto", "site", "cell"),
+                f"train.level must be auto, site or cell, got {cfg.level!r}",
+            ),
+            (
+                cfg.split in ("plate", "treatment"),
+                f"train.split must be 'plate' or 'treatment', got {cfg.split!r}",
+            ),
             (0 <= cfg.val_fraction < 1, f"train.val_fraction must be in [0, 1), got {cfg.val_fraction}"),
-            (cfg.precision in ("auto", "fp32", "bf16", "fp16"), f"train.precision: unknown value {cfg.precision!r}"),
+            (
+                cfg.precision in ("auto", "fp32", "bf16", "fp16"),
+                f"train.precision: unknown value {cfg.precision!r}",
+            ),
             (cfg.device in ("auto", "cpu", "cuda"), f"train.device: unknown value {cfg.device!r}"),
-            (cfg.batch_size >= 2, f"train.batch_size must be >= 2 (contrastive loss and BatchNorm), got {cfg.batch_size}"),
-            (cfg.epochs_stage1 >= 0 and cfg.epochs_stage2 >= 0, "train.epochs_stage1/epochs_stage2 must be >= 0"),
+            (
+                cfg.batch_size >= 2,
+                f"train.batch_size must be >= 2 (contrastive loss and BatchNorm), got {cfg.batch_size}",
+            ),
+            (
+                cfg.epochs_stage1 >= 0 and cfg.epochs_stage2 >= 0,
+                "train.epochs_stage1/epochs_stage2 must be >= 0",
+            ),
             (all(w >= 0 for w in weights.values()), f"train.loss_weights must be >= 0, got {weights}"),
         ]
         for ok, message in checks:
@@ -198,7 +225,9 @@ def _normalise_keys(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def read_targets(plates: Sequence[str], *, targets: str | None = None, targets_dir: str | None = None) -> pd.DataFrame:
+def read_targets(
+    plates: Sequence[str], *, targets: str | None = None, targets_dir: str | None = None
+) -> pd.DataFrame:
     """Per-site regression targets: one table (``train.targets``) or ``<targets_dir>/<plate>.parquet``."""
     if targets:
         path = Path(targets)
@@ -224,7 +253,9 @@ def read_targets(plates: Sequence[str], *, targets: str | None = None, targets_d
     if missing:
         raise DataError(f"regression target table {sources}: missing key column(s) {missing}")
     table = _normalise_keys(table)
-    feature_cols = [c for c in table.columns if not c.startswith("Metadata_") and pd.api.types.is_numeric_dtype(table[c])]
+    feature_cols = [
+        c for c in table.columns if not c.startswith("Metadata_") and pd.api.types.is_numeric_dtype(table[c])
+    ]
     if not feature_cols:
         raise DataError(f"regression target table {sources}: no numeric feature columns")
     dup = table.duplicated(SITE_KEYS)
@@ -239,11 +270,11 @@ class TrainingData:
     """Everything the loop needs, as plain arrays; ``images[p]`` is a memory map per plate."""
 
     images: dict[str, np.ndarray]
-    plate_of: np.ndarray      # (N,) plate name per item
-    row_of: np.ndarray        # (N,) row in that plate's array
-    targets: np.ndarray       # (N, D) standardized float32
-    labels: np.ndarray        # (N,) int64 class index
-    is_val: np.ndarray        # (N,) bool
+    plate_of: np.ndarray  # (N,) plate name per item
+    row_of: np.ndarray  # (N,) row in that plate's array
+    targets: np.ndarray  # (N, D) standardized float32
+    labels: np.ndarray  # (N,) int64 class index
+    is_val: np.ndarray  # (N,) bool
     classes: list[str]
     target_columns: list[str]
     target_mean: np.ndarray
@@ -262,7 +293,9 @@ def _choose_validation(items: pd.DataFrame, cfg: TrainConfig, seed: int) -> tupl
         if cfg.val_plates:
             unknown = sorted(set(cfg.val_plates) - set(plates))
             if unknown:
-                raise ConfigError(f"train.val_plates: plate(s) {unknown} are not among the training plates {plates}")
+                raise ConfigError(
+                    f"train.val_plates: plate(s) {unknown} are not among the training plates {plates}"
+                )
             val = sorted(cfg.val_plates)
         else:
             if len(plates) < 2:
@@ -289,8 +322,9 @@ def _choose_validation(items: pd.DataFrame, cfg: TrainConfig, seed: int) -> tupl
     return label.isin(val).to_numpy(), {"split": "treatment", "validation": val}
 
 
-def load_training_data(images_dir: str | Path, plates: Sequence[str], target_table: pd.DataFrame,
-                       cfg: TrainConfig, seed: int) -> TrainingData:
+def load_training_data(
+    images_dir: str | Path, plates: Sequence[str], target_table: pd.DataFrame, cfg: TrainConfig, seed: int
+) -> TrainingData:
     """Pair every site tile (or cell crop) with its site's target and treatment, then split."""
     if not plates:
         raise ConfigError("train: no plates given")
@@ -321,7 +355,9 @@ def load_training_data(images_dir: str | Path, plates: Sequence[str], target_tab
         )
     is_val, split_info = _choose_validation(merged, cfg, seed)
     if (~is_val).sum() < 2:
-        raise DataError(f"only {(~is_val).sum()} training item(s) after the {cfg.split} split; need at least 2")
+        raise DataError(
+            f"only {(~is_val).sum()} training item(s) after the {cfg.split} split; need at least 2"
+        )
 
     values = merged[feature_cols].to_numpy(dtype=np.float64)
     # Statistics from the training split only, one row per site (cells share their site's target).
@@ -448,11 +484,13 @@ class _Outputs(nn.Module):
         return self.model.regression_output(profile), logits
 
 
-def _global_batches(n: int, batch_size: int, drop_last: bool, order: np.ndarray | None = None) -> list[list[int]]:
+def _global_batches(
+    n: int, batch_size: int, drop_last: bool, order: np.ndarray | None = None
+) -> list[list[int]]:
     """Positions of each global batch, in order (the DataLoader's batching of ``order``)."""
     order = np.arange(n) if order is None else np.asarray(order)
     stop = n - n % batch_size if drop_last else n
-    return [order[i:i + batch_size].tolist() for i in range(0, stop, batch_size)]
+    return [order[i : i + batch_size].tolist() for i in range(0, stop, batch_size)]
 
 
 def _loader(dataset: Dataset, batches: list[list[int]], ctx: DistContext, loader_kw: Mapping[str, Any]):
@@ -463,9 +501,18 @@ def _loader(dataset: Dataset, batches: list[list[int]], ctx: DistContext, loader
     return loader, counts
 
 
-def _run_epoch(net: nn.Module, loader: DataLoader, counts: list[list[int]], weights: LossWeights,
-               device: torch.device, amp_dtype, ctx: DistContext, optimizer=None, scaler=None,
-               desc: str = "") -> dict[str, float]:
+def _run_epoch(
+    net: nn.Module,
+    loader: DataLoader,
+    counts: list[list[int]],
+    weights: LossWeights,
+    device: torch.device,
+    amp_dtype,
+    ctx: DistContext,
+    optimizer=None,
+    scaler=None,
+    desc: str = "",
+) -> dict[str, float]:
     """One pass over ``loader``; returns the item-weighted mean losses of the global batches.
 
     One process: ``net`` is the model.  N processes: ``net`` is the DDP-wrapped :class:`_Outputs`;
@@ -480,8 +527,14 @@ def _run_epoch(net: nn.Module, loader: DataLoader, counts: list[list[int]], weig
     from tqdm import tqdm
 
     base = getattr(net, "module", net)  # evaluation bypasses DDP (no gradient sync to do)
-    bar = tqdm(counts, desc=desc, file=sys.stderr, leave=False, mininterval=5.0,
-               disable=None if ctx.is_main else True)
+    bar = tqdm(
+        counts,
+        desc=desc,
+        file=sys.stderr,
+        leave=False,
+        mininterval=5.0,
+        disable=None if ctx.is_main else True,
+    )
     batches = iter(loader)
     with grad:
         for shard_counts in bar:
@@ -502,16 +555,20 @@ def _run_epoch(net: nn.Module, loader: DataLoader, counts: list[list[int]], weig
                     else:
                         model = base.model
                         prediction = torch.zeros((0, model.target_dim), device=device)
-                        logits = None if model.classifier is None else \
-                            torch.zeros((0, model.classifier.out_features), device=device)
+                        logits = (
+                            None
+                            if model.classifier is None
+                            else torch.zeros((0, model.classifier.out_features), device=device)
+                        )
                         targets = torch.zeros((0, model.target_dim), dtype=torch.float32, device=device)
                         labels = torch.zeros((0,), dtype=torch.int64, device=device)
                     prediction = gather_rows(prediction, shard_counts, grad=training)
                     logits = gather_rows(logits, shard_counts, grad=training) if logits is not None else None
                     targets = gather_rows(targets, shard_counts, grad=False)
                     labels = gather_rows(labels, shard_counts, grad=False)
-                    parts = combine_losses(prediction, logits, targets, labels, weights,
-                                           base.model.config.temperature)
+                    parts = combine_losses(
+                        prediction, logits, targets, labels, weights, base.model.config.temperature
+                    )
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
@@ -538,7 +595,7 @@ def _freeze_unused_heads(model: PhenoProfilerModel, weights: LossWeights) -> Non
         model.regression_head.requires_grad_(False)
 
 
-def lr_at_epoch(epoch: int, cfg: "TrainConfig") -> float:
+def lr_at_epoch(epoch: int, cfg: TrainConfig) -> float:
     """The learning rate of ``epoch`` (0-based): piecewise constant from ``lr_milestones``."""
     lr = cfg.lr
     for start, value in sorted((int(e), float(v)) for e, v in cfg.lr_milestones):
@@ -547,7 +604,7 @@ def lr_at_epoch(epoch: int, cfg: "TrainConfig") -> float:
     return lr
 
 
-def make_scheduler(optimizer, cfg: "TrainConfig"):
+def make_scheduler(optimizer, cfg: TrainConfig):
     """StepLR (``lr_step``/``lr_gamma``), or the paper's piecewise schedule given as ``lr_milestones``
     (arXiv 2502.19568's code: 1e-3, then 5e-4 from epoch 20, 1e-4 from 50, 5e-5 from 100)."""
     if cfg.lr_milestones:
@@ -555,8 +612,15 @@ def make_scheduler(optimizer, cfg: "TrainConfig"):
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(cfg.lr_step, 1), gamma=cfg.lr_gamma)
 
 
-def _checkpoint_payload(model, data: TrainingData, model_cfg: ModelConfig, cfg: TrainConfig, stage: int,
-                        state: Mapping[str, torch.Tensor], extra: Mapping[str, Any]) -> dict[str, Any]:
+def _checkpoint_payload(
+    model,
+    data: TrainingData,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    stage: int,
+    state: Mapping[str, torch.Tensor],
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
     return {
         "format": CHECKPOINT_FORMAT,
         "stage": stage,
@@ -594,7 +658,9 @@ def train_model(
     many epochs have been *completed in this call*, right after their state was saved, i.e. exactly
     where a kill between epochs would leave things.  Used to test resume.
     """
-    model_cfg = model_options if isinstance(model_options, ModelConfig) else ModelConfig.from_dict(model_options)
+    model_cfg = (
+        model_options if isinstance(model_options, ModelConfig) else ModelConfig.from_dict(model_options)
+    )
     cfg = train_options if isinstance(train_options, TrainConfig) else TrainConfig.from_dict(train_options)
     if cfg.level == "auto":
         raise ConfigError("train.level: resolve 'auto' to 'site' or 'cell' before training (the CLI does)")
@@ -605,18 +671,31 @@ def train_model(
     world = launched_world()[1]
     if world > 1:
         check_batch_size(cfg.batch_size, world, source="WORLD_SIZE set by torchrun")
-    target_table = read_targets(plates, targets=cfg.targets, targets_dir=str(targets_dir) if targets_dir else None)
+    target_table = read_targets(
+        plates, targets=cfg.targets, targets_dir=str(targets_dir) if targets_dir else None
+    )
     data = load_training_data(images_dir, plates, target_table, cfg, seed)
     ctx, device = init_distributed(cfg.distributed, pick_device(cfg.device))
     try:
-        return _train_stages(data, ctx, device, out_dir, plates, model_cfg, cfg, seed, resume, stop_after_epochs)
+        return _train_stages(
+            data, ctx, device, out_dir, plates, model_cfg, cfg, seed, resume, stop_after_epochs
+        )
     finally:
         ctx.close()
 
 
-def _train_stages(data: TrainingData, ctx: DistContext, device: torch.device, out_dir: Path, plates: list[str],
-                  model_cfg: ModelConfig, cfg: TrainConfig, seed: int, resume: bool,
-                  stop_after_epochs: int | None) -> dict[str, Path]:
+def _train_stages(
+    data: TrainingData,
+    ctx: DistContext,
+    device: torch.device,
+    out_dir: Path,
+    plates: list[str],
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    seed: int,
+    resume: bool,
+    stop_after_epochs: int | None,
+) -> dict[str, Path]:
     state_dir = out_dir / "state"
     amp_dtype = pick_precision(cfg.precision, device)
     log.info("training on %s (autocast %s): %s", device, amp_dtype, data.split_info)
@@ -624,17 +703,33 @@ def _train_stages(data: TrainingData, ctx: DistContext, device: torch.device, ou
     # train.distributed is left out: N processes train the same model as one, so a job killed on
     # 4 GPUs may resume on 2 (dropout draws differ, see phenoprofiler_core.distributed).
     train_key = {k: v for k, v in cfg.to_dict().items() if k != "distributed"}
-    fingerprint = hashlib.sha256(json.dumps(
-        {"model": model_cfg.to_dict(), "train": train_key, "seed": seed, "plates": plates,
-         "n_items": len(data.labels), "targets": data.target_columns, "split": data.split_info},
-        sort_keys=True, default=str).encode()).hexdigest()
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            {
+                "model": model_cfg.to_dict(),
+                "train": train_key,
+                "seed": seed,
+                "plates": plates,
+                "n_items": len(data.labels),
+                "targets": data.target_columns,
+                "split": data.split_info,
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()
 
     train_idx = np.flatnonzero(~data.is_val)
     val_idx = np.flatnonzero(data.is_val)
     loader_kw = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     train_set = ItemDataset(data, train_idx)
-    val_loader = _loader(ItemDataset(data, val_idx), _global_batches(len(val_idx), cfg.batch_size, False),
-                         ctx, loader_kw) if len(val_idx) else None
+    val_loader = (
+        _loader(
+            ItemDataset(data, val_idx), _global_batches(len(val_idx), cfg.batch_size, False), ctx, loader_kw
+        )
+        if len(val_idx)
+        else None
+    )
     # Drop a last partial batch: contrastive loss and BatchNorm need > 1 item per batch.
     drop_last = len(train_idx) > cfg.batch_size
     if ctx.active and len(train_idx) < ctx.world_size:
@@ -643,7 +738,11 @@ def _train_stages(data: TrainingData, ctx: DistContext, device: torch.device, ou
     history: list[dict[str, Any]] = []
     epochs_done_here = 0
     previous: Path | None = None
-    paths = {"stage1": out_dir / "stage1.pt", "stage2": out_dir / "stage2.pt", "history": out_dir / "history.csv"}
+    paths = {
+        "stage1": out_dir / "stage1.pt",
+        "stage2": out_dir / "stage2.pt",
+        "history": out_dir / "history.csv",
+    }
 
     def save(obj: Any, path: Path) -> None:  # rank 0 alone writes
         if ctx.is_main:
@@ -653,7 +752,9 @@ def _train_stages(data: TrainingData, ctx: DistContext, device: torch.device, ou
         final_path = paths[f"stage{stage}"]
         last_path = state_dir / f"stage{stage}_last.pt"
         best_path = state_dir / f"stage{stage}_best.pt"
-        weights = LossWeights(contrastive=0.0, mse=1.0, ce=0.0) if stage == 1 else LossWeights(**cfg.loss_weights)
+        weights = (
+            LossWeights(contrastive=0.0, mse=1.0, ce=0.0) if stage == 1 else LossWeights(**cfg.loss_weights)
+        )
 
         # A stage finished by an earlier (killed) call with the same settings is reused as is.
         if resume and final_path.is_file():
@@ -666,8 +767,12 @@ def _train_stages(data: TrainingData, ctx: DistContext, device: torch.device, ou
 
         # Every stage starts from a known RNG state, so a resumed stage 2 sees the same randomness.
         seed_everything(seed + 1000 * stage)
-        model = create_model(model_cfg, in_channels=data.in_channels, num_classes=len(data.classes),
-                             target_dim=len(data.target_columns))
+        model = create_model(
+            model_cfg,
+            in_channels=data.in_channels,
+            num_classes=len(data.classes),
+            target_dim=len(data.target_columns),
+        )
         if ctx.rank > 0:  # same initial weights on every rank, dropout draws of its own
             seed_everything(seed + 1000 * stage + 7919 * ctx.rank)
         init_digest = None
@@ -692,11 +797,18 @@ def _train_stages(data: TrainingData, ctx: DistContext, device: torch.device, ou
                 scheduler.load_state_dict(saved["scheduler"])
                 if scaler is not None and saved.get("scaler"):
                     scaler.load_state_dict(saved["scaler"])
-                start_epoch, best_loss, best_epoch = saved["epoch"] + 1, saved["best_loss"], saved["best_epoch"]
+                start_epoch, best_loss, best_epoch = (
+                    saved["epoch"] + 1,
+                    saved["best_loss"],
+                    saved["best_epoch"],
+                )
                 stage_history = list(saved["history"])
                 init_digest = saved.get("init_digest")
-                best_state = torch.load(best_path, map_location="cpu", weights_only=False) \
-                    if best_path.is_file() else best_state
+                best_state = (
+                    torch.load(best_path, map_location="cpu", weights_only=False)
+                    if best_path.is_file()
+                    else best_state
+                )
                 rng_ranks = saved.get("rng_ranks") or [saved["rng"]]
                 if len(rng_ranks) == ctx.world_size:
                     _set_rng_state(rng_ranks[ctx.rank])
@@ -713,38 +825,82 @@ def _train_stages(data: TrainingData, ctx: DistContext, device: torch.device, ou
             _freeze_unused_heads(model, weights)
             from torch.nn.parallel import DistributedDataParallel
 
-            net = DistributedDataParallel(_Outputs(model), device_ids=[device.index] if device.type == "cuda" else None)
+            net = DistributedDataParallel(
+                _Outputs(model), device_ids=[device.index] if device.type == "cuda" else None
+            )
 
         for epoch in range(start_epoch, n_epochs):
             # The shuffle order depends only on (seed, stage, epoch): a resumed run replays it exactly.
-            order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(
-                seed * 1_000_003 + stage * 10_007 + epoch))
+            order = torch.randperm(
+                len(train_idx),
+                generator=torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_007 + epoch),
+            )
             train_loader, train_counts = _loader(
-                train_set, _global_batches(len(train_idx), cfg.batch_size, drop_last, order.numpy()), ctx, loader_kw)
-            tr = _run_epoch(net, train_loader, train_counts, weights, device, amp_dtype, ctx, optimizer, scaler,
-                            desc=f"stage {stage} epoch {epoch + 1}/{n_epochs} train")
+                train_set,
+                _global_batches(len(train_idx), cfg.batch_size, drop_last, order.numpy()),
+                ctx,
+                loader_kw,
+            )
+            tr = _run_epoch(
+                net,
+                train_loader,
+                train_counts,
+                weights,
+                device,
+                amp_dtype,
+                ctx,
+                optimizer,
+                scaler,
+                desc=f"stage {stage} epoch {epoch + 1}/{n_epochs} train",
+            )
             scheduler.step()
-            va = _run_epoch(net, val_loader[0], val_loader[1], weights, device, amp_dtype, ctx,
-                            desc=f"stage {stage} epoch {epoch + 1} val") if val_loader is not None else None
+            va = (
+                _run_epoch(
+                    net,
+                    val_loader[0],
+                    val_loader[1],
+                    weights,
+                    device,
+                    amp_dtype,
+                    ctx,
+                    desc=f"stage {stage} epoch {epoch + 1} val",
+                )
+                if val_loader is not None
+                else None
+            )
             for split, row in (("train", tr), ("validation", va)):
                 if row is not None:
                     stage_history.append({"stage": stage, "epoch": epoch + 1, "split": split, **row})
             score = va["loss"] if va is not None else tr["loss"]
-            log.info("stage %d epoch %d: train %.5g%s", stage, epoch + 1, tr["loss"],
-                     f", validation {va['loss']:.5g}" if va else "")
+            log.info(
+                "stage %d epoch %d: train %.5g%s",
+                stage,
+                epoch + 1,
+                tr["loss"],
+                f", validation {va['loss']:.5g}" if va else "",
+            )
             if score < best_loss or best_epoch < 0:
                 best_loss, best_epoch = score, epoch + 1
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                 save(best_state, best_path)
             rng_ranks = all_gather_objects(ctx, _rng_state())
-            save({
-                "fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "best_loss": best_loss, "best_epoch": best_epoch, "history": stage_history,
-                "init_digest": init_digest, "rng": rng_ranks[0],
-                "rng_ranks": rng_ranks if ctx.active else None,
-            }, last_path)
+            save(
+                {
+                    "fingerprint": fingerprint,
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "best_loss": best_loss,
+                    "best_epoch": best_epoch,
+                    "history": stage_history,
+                    "init_digest": init_digest,
+                    "rng": rng_ranks[0],
+                    "rng_ranks": rng_ranks if ctx.active else None,
+                },
+                last_path,
+            )
             if ctx.is_main:
                 write_history(stage_history, paths["history"])
             ctx.barrier()  # the state is on disk before any rank moves on (or is stopped)
@@ -755,10 +911,26 @@ def _train_stages(data: TrainingData, ctx: DistContext, device: torch.device, ou
         if n_epochs == 0:  # nothing trained in this stage: its "best" is the starting point
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         history = stage_history
-        save(_checkpoint_payload(model, data, model_cfg, cfg, stage, best_state, {
-            "fingerprint": fingerprint, "best_epoch": best_epoch, "best_val_loss": best_loss,
-            "init_digest": init_digest, "history": history, "seed": seed, "plates": plates,
-        }), final_path)
+        save(
+            _checkpoint_payload(
+                model,
+                data,
+                model_cfg,
+                cfg,
+                stage,
+                best_state,
+                {
+                    "fingerprint": fingerprint,
+                    "best_epoch": best_epoch,
+                    "best_val_loss": best_loss,
+                    "init_digest": init_digest,
+                    "history": history,
+                    "seed": seed,
+                    "plates": plates,
+                },
+            ),
+            final_path,
+        )
         ctx.barrier()  # every rank starts the next stage from this file
         previous = final_path
 
@@ -789,7 +961,8 @@ def _run(args) -> None:
     level = TrainConfig.from_dict(train_options).level
     if level == "auto":  # cell crops when they exist for every plate, else site tiles
         have_cells = args.cells_dir is not None and all(
-            (Path(args.cells_dir) / f"{plate}.npy").is_file() for plate in args.plates)
+            (Path(args.cells_dir) / f"{plate}.npy").is_file() for plate in args.plates
+        )
         level = "cell" if have_cells else "site"
         train_options["level"] = level
         log.info("train.level auto -> %s", level)
@@ -797,25 +970,36 @@ def _run(args) -> None:
     if images_dir is None:
         raise ConfigError(f"train.level: {level} needs --{'cells' if level == 'cell' else 'tiles'}-dir")
     targets_dir = None if train_options.get("targets") else args.targets_dir
-    paths = train_model(images_dir, args.plates, args.out, model_options=options.get("model"),
-                        train_options=train_options, targets_dir=targets_dir, seed=seed,
-                        resume=not args.no_resume)
+    paths = train_model(
+        images_dir,
+        args.plates,
+        args.out,
+        model_options=options.get("model"),
+        train_options=train_options,
+        targets_dir=targets_dir,
+        seed=seed,
+        resume=not args.no_resume,
+    )
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
 
 
 def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("train", help="stepwise training of the PhenoProfiler model",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "train", help="stepwise training of the PhenoProfiler model", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--tiles-dir", help="folder with <plate>.npy + <plate>.sites.parquet (train.level: site)")
     p.add_argument("--cells-dir", help="folder with <plate>.npy + <plate>.cells.parquet (train.level: cell)")
     p.add_argument("--plates", nargs="+", required=True, help="plates to train and validate on")
-    p.add_argument("--targets-dir", help="folder with per-plate target tables <plate>.parquet (e.g. features/classic)")
+    p.add_argument(
+        "--targets-dir", help="folder with per-plate target tables <plate>.parquet (e.g. features/classic)"
+    )
     p.add_argument("--targets", help="one per-site target table (parquet/csv); overrides train.targets")
     p.add_argument("--configfile", help="dataset config YAML (its model, train and seed sections are used)")
-    p.add_argument("--config-json", help="JSON (inline or a file) with 'model', 'train', 'seed'; overrides --configfile")
+    p.add_argument(
+        "--config-json", help="JSON (inline or a file) with 'model', 'train', 'seed'; overrides --configfile"
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: config 'seed' or 0)")
     p.add_argument("--no-resume", action="store_true", help="ignore saved state in OUT/state and start over")
     p.add_argument("--out", required=True, help="output folder model/<name>/")
     p.set_defaults(func=_run)
-

@@ -10,7 +10,9 @@ import tifffile
 from PIL import Image
 
 
-def cell_image(shape=(96, 96), n_cells=12, seed=0, dtype=np.uint16, background=200.0, peak=3000.0) -> np.ndarray:
+def cell_image(
+    shape=(96, 96), n_cells=12, seed=0, dtype=np.uint16, background=200.0, peak=3000.0
+) -> np.ndarray:
     """Gaussian blobs ('nuclei') on a noisy background."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[: shape[0], : shape[1]]
@@ -37,7 +39,17 @@ def save(image: np.ndarray, path: Path) -> Path:
     return path
 
 
-def write_phenix_plate(root: Path, plate: str, wells=("A01", "B02"), sites=(1, 2), channels=5, suffix=".png", dtype=np.uint8, shape=(64, 64), seed=0):
+def write_phenix_plate(
+    root: Path,
+    plate: str,
+    wells=("A01", "B02"),
+    sites=(1, 2),
+    channels=5,
+    suffix=".png",
+    dtype=np.uint8,
+    shape=(64, 64),
+    seed=0,
+):
     """Opera Phenix names: <plate>/r01c01f01p01-ch1sk1fk1fl1.png"""
     k = seed
     for well in wells:
@@ -45,10 +57,23 @@ def write_phenix_plate(root: Path, plate: str, wells=("A01", "B02"), sites=(1, 2
         for site in sites:
             for ch in range(1, channels + 1):
                 k += 1
-                save(cell_image(shape, seed=k, dtype=dtype), root / plate / f"r{row:02d}c{col:02d}f{site:02d}p01-ch{ch}sk1fk1fl1{suffix}")
+                save(
+                    cell_image(shape, seed=k, dtype=dtype),
+                    root / plate / f"r{row:02d}c{col:02d}f{site:02d}p01-ch{ch}sk1fk1fl1{suffix}",
+                )
 
 
-def write_imagexpress_plate(root: Path, plate: str, wells=("A01", "B02"), sites=(1, 2), channels=5, suffix=".tif", dtype=np.uint16, shape=(64, 64), seed=0):
+def write_imagexpress_plate(
+    root: Path,
+    plate: str,
+    wells=("A01", "B02"),
+    sites=(1, 2),
+    channels=5,
+    suffix=".tif",
+    dtype=np.uint16,
+    shape=(64, 64),
+    seed=0,
+):
     """ImageXpress names: <plate>/<prefix>_A01_s2_w1<UUID>.tif"""
     k = seed
     for well in wells:
@@ -63,7 +88,9 @@ def write_platemap(folder: Path, plate: str, wells: dict[str, str], map_name="MA
     """barcode_platemap.csv + <map>.txt; returns the `metadata` config section."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "barcode_platemap.csv").write_text(f"Assay_Plate_Barcode,Plate_Map_Name\n{plate},{map_name}\n")
-    lines = ["plate_map_name\twell_position\tbroad_sample"] + [f"{map_name}\t{w}\t{t}" for w, t in wells.items()]
+    lines = ["plate_map_name\twell_position\tbroad_sample"] + [
+        f"{map_name}\t{w}\t{t}" for w, t in wells.items()
+    ]
     (folder / f"{map_name}.txt").write_text("\n".join(lines) + "\n")
     return {
         "barcode_platemap": str(folder / "barcode_platemap.csv"),

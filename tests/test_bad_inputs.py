@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from helpers import cell_image, save, write_phenix_plate, write_platemap
+
 from phenoprofiler_core.cli import main
 
 CH = {"1": "DNA", "2": "ER", "3": "RNA", "4": "AGP", "5": "Mito"}
@@ -25,7 +25,11 @@ def dataset(tmp_path):
     """A 2-well Phenix plate (DMSO + compound) with its config file."""
     write_phenix_plate(tmp_path / "img", "P1", shape=(96, 96))
     meta = write_platemap(tmp_path / "meta", "P1", {"A01": "DMSO", "B02": "cpd"})
-    config = {"dataset": "bad", "images": {"root": str(tmp_path / "img"), "layout": "phenix", "channel_map": CH}, "metadata": meta}
+    config = {
+        "dataset": "bad",
+        "images": {"root": str(tmp_path / "img"), "layout": "phenix", "channel_map": CH},
+        "metadata": meta,
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return tmp_path, path, config
@@ -68,7 +72,15 @@ def test_corrupt_tiff_in_a_tiff_plate(capsys, tmp_path):
     write_phenix_plate(tmp_path / "img", "P1", suffix=".tif", dtype=np.uint16, shape=(64, 64))
     meta = write_platemap(tmp_path / "meta", "P1", {"A01": "DMSO", "B02": "cpd"})
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"dataset": "t", "images": {"root": str(tmp_path / "img"), "layout": "phenix", "channel_map": CH}, "metadata": meta}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "dataset": "t",
+                "images": {"root": str(tmp_path / "img"), "layout": "phenix", "channel_map": CH},
+                "metadata": meta,
+            }
+        )
+    )
     manifest = manifest_of(capsys, tmp_path, cfg)
     bad = tmp_path / "img" / "P1" / "r01c01f02p01-ch5sk1fk1fl1.tif"
     bad.write_bytes(b"II*\x00" + b"\x00" * 20)
@@ -131,14 +143,25 @@ def test_plate_without_negative_controls(capsys, tmp_path):
     rows = []
     for plate, treatments in (("P1", ["DMSO", "a"]), ("P2", ["a", "b"])):
         for well, trt in zip(("A01", "B01"), treatments):
-            rows.append({"Metadata_Plate": plate, "Metadata_Well": well, "Metadata_Site": 1, "Metadata_Treatment": trt,
-                         "Metadata_TreatmentId": trt, "Metadata_pert_type": "negcon" if trt == "DMSO" else "trt",
-                         "Metadata_moa": "", **{f"f{k}": rng.normal() for k in range(5)}})
+            rows.append(
+                {
+                    "Metadata_Plate": plate,
+                    "Metadata_Well": well,
+                    "Metadata_Site": 1,
+                    "Metadata_Treatment": trt,
+                    "Metadata_TreatmentId": trt,
+                    "Metadata_pert_type": "negcon" if trt == "DMSO" else "trt",
+                    "Metadata_moa": "",
+                    **{f"f{k}": rng.normal() for k in range(5)},
+                }
+            )
     df = pd.DataFrame(rows)
     for plate, part in df.groupby("Metadata_Plate"):
         part.to_parquet(tmp_path / f"{plate}.parquet")
     out = tmp_path / "profiles"
-    code, err = run(capsys, "profiles", "--features", tmp_path / "P1.parquet", tmp_path / "P2.parquet", "--out", out)
+    code, err = run(
+        capsys, "profiles", "--features", tmp_path / "P1.parquet", tmp_path / "P2.parquet", "--out", out
+    )
     assert code == 2 and "P2" in err and "negative-control" in err
     assert not out.exists() or list(out.glob("*.parquet")) == []
 
@@ -156,5 +179,7 @@ def test_treatment_without_moa_is_kept_and_reported(capsys, dataset, caplog):
 
 
 def test_unreadable_manifest(capsys, tmp_path):
-    code, err = run(capsys, "tiles", tmp_path / "absent.parquet", "--plate", "P1", "--out", tmp_path / "P1.npy")
+    code, err = run(
+        capsys, "tiles", tmp_path / "absent.parquet", "--plate", "P1", "--out", tmp_path / "P1.npy"
+    )
     assert code == 2 and "absent.parquet" in err

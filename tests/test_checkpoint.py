@@ -17,8 +17,10 @@ from phenoprofiler_core.errors import DataError
 from phenoprofiler_core.model import create_model, paper_model_config
 
 REPO = Path(__file__).resolve().parents[1]
-KEY_FILES = [REPO / "tests" / "data" / "phenoprofiler_checkpoint_keys.tsv",
-             REPO.parent / "shared" / "reference" / "phenoprofiler_checkpoint_keys.tsv"]
+KEY_FILES = [
+    REPO / "tests" / "data" / "phenoprofiler_checkpoint_keys.tsv",
+    REPO.parent / "shared" / "reference" / "phenoprofiler_checkpoint_keys.tsv",
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,9 @@ def paper_model():
 
 
 def test_paper_architecture_has_exactly_the_published_keys(key_table, paper_model):
-    ours = [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in paper_model.state_dict().items()]
+    ours = [
+        (k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in paper_model.state_dict().items()
+    ]
     assert ours == key_table
 
 
@@ -101,5 +105,5 @@ def test_published_model_from_file_sizes_the_classifier(published_state, tmp_pat
     assert model.classifier.out_features == 10
     assert torch.equal(model.image_projection.fc.weight, small["image_projection.fc.weight"])
     # A 3-channel model cannot take 5-channel weights: named mis-shaped key.
-    with pytest.raises(DataError, match="branch1.0.conv.weight"):
+    with pytest.raises(DataError, match=r"branch1\.0\.conv\.weight"):
         published_model(path, in_channels=3)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -42,10 +41,15 @@ def test_intensity_statistics_match_regionprops_and_numpy():
             assert stats["MeanIntensity"][i, c] == pytest.approx(values.mean(), rel=1e-9)
             assert stats["StdIntensity"][i, c] == pytest.approx(values.std(), rel=1e-6)
             assert stats["IntegratedIntensity"][i, c] == pytest.approx(values.sum(), rel=1e-9)
-            for name, q in (("LowerQuartileIntensity", 25), ("MedianIntensity", 50), ("UpperQuartileIntensity", 75)):
+            for name, q in (
+                ("LowerQuartileIntensity", 25),
+                ("MedianIntensity", 50),
+                ("UpperQuartileIntensity", 75),
+            ):
                 assert stats[name][i, c] == np.percentile(values, q, method="lower")
         assert stats["MeanIntensity"][i, 0] == pytest.approx(
-            regionprops(labels, intensity_image=image[0])[i].intensity_mean, rel=1e-6)
+            regionprops(labels, intensity_image=image[0])[i].intensity_mean, rel=1e-6
+        )
 
 
 def test_texture_matches_scikit_image_cooccurrence():
@@ -63,8 +67,14 @@ def test_texture_matches_scikit_image_cooccurrence():
         # offsets are (d, d) as in CellProfiler; scikit-image rounds d·sin/cos, so it needs d·√2 there.
         crop = grey[rows, cols].astype(np.uint8)
         axes = graycomatrix(crop, [distance], [0, np.pi / 2], levels=levels, symmetric=True, normed=False)
-        diagonals = graycomatrix(crop, [distance * np.sqrt(2)], [np.pi / 4, 3 * np.pi / 4], levels=levels,
-                                 symmetric=True, normed=False)
+        diagonals = graycomatrix(
+            crop,
+            [distance * np.sqrt(2)],
+            [np.pi / 4, 3 * np.pi / 4],
+            levels=levels,
+            symmetric=True,
+            normed=False,
+        )
         p = (axes.sum(axis=(2, 3)) + diagonals.sum(axis=(2, 3))).astype(float)
         p /= p.sum()
         i, j = np.indices(p.shape)
@@ -123,7 +133,9 @@ def test_site_features_on_synthetic_cells():
     assert features["Cytoplasm_Intensity_MedianIntensity_AGP"] == pytest.approx(0.3)
     assert features["Cytoplasm_Intensity_MeanIntensity_DNA"] < 0.1
     # Texture: the smooth DNA disc is spatially correlated, the pixel noise in Mito is not.
-    assert features["Cells_Texture_Correlation_DNA_3"] > 0.5 > abs(features["Cells_Texture_Correlation_Mito_3"])
+    assert (
+        features["Cells_Texture_Correlation_DNA_3"] > 0.5 > abs(features["Cells_Texture_Correlation_Mito_3"])
+    )
     assert np.isfinite([features[k] for k in features if "Mito" in k]).all()
     # No nuclei: a count of 0 and NaN per-cell features rather than invented values.
     empty, _ = classic.site_features(image, CHANNELS, np.zeros(image.shape[1:], np.int32))
@@ -131,10 +143,15 @@ def test_site_features_on_synthetic_cells():
 
 
 def test_classic_cli_writes_one_row_per_site(tmp_path, capsys):
-    image, centres = synthetic_site()
+    image, _centres = synthetic_site()
     rows = []
     for site in (1, 2):
-        row = {"Metadata_Plate": "P9", "Metadata_Well": "C03", "Metadata_Site": site, "Metadata_Treatment": "DMSO"}
+        row = {
+            "Metadata_Plate": "P9",
+            "Metadata_Well": "C03",
+            "Metadata_Site": site,
+            "Metadata_Treatment": "DMSO",
+        }
         for c, channel in enumerate(CHANNELS):
             path = tmp_path / f"s{site}_{channel}.tif"
             plane = image[c] if site == 1 else image[c][:, ::-1]  # site 2: mirrored (same cells)
@@ -144,10 +161,32 @@ def test_classic_cli_writes_one_row_per_site(tmp_path, capsys):
     manifest = tmp_path / "manifest.parquet"
     pd.DataFrame(rows).to_parquet(manifest, index=False)
     out = tmp_path / "features" / "classic" / "P9.parquet"
-    assert cli_main(["classic", str(manifest), "--plate", "P9", "--out", str(out), "--min-area", "50",
-                     "--min-distance", "8", "--workers", "2"]) == 0
+    assert (
+        cli_main(
+            [
+                "classic",
+                str(manifest),
+                "--plate",
+                "P9",
+                "--out",
+                str(out),
+                "--min-area",
+                "50",
+                "--min-distance",
+                "8",
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     table = pd.read_parquet(out)
-    assert list(table.columns[:4]) == ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Treatment"]
+    assert list(table.columns[:4]) == [
+        "Metadata_Plate",
+        "Metadata_Well",
+        "Metadata_Site",
+        "Metadata_Treatment",
+    ]
     assert not any(c.startswith("Path_") for c in table.columns)
     features = [c for c in table.columns if not c.startswith("Metadata_")]
     assert features == classic.feature_names(CHANNELS)
@@ -155,12 +194,35 @@ def test_classic_cli_writes_one_row_per_site(tmp_path, capsys):
     assert table["Count_Nuclei"].tolist() == [6, 6]
     # Mirroring changes no rotation-invariant statistic (shape, intensity) of the site.
     np.testing.assert_allclose(table["Nuclei_AreaShape_Area"][0], table["Nuclei_AreaShape_Area"][1])
-    np.testing.assert_allclose(table["Cells_Intensity_MeanIntensity_AGP"][0], table["Cells_Intensity_MeanIntensity_AGP"][1], rtol=1e-5)
+    np.testing.assert_allclose(
+        table["Cells_Intensity_MeanIntensity_AGP"][0],
+        table["Cells_Intensity_MeanIntensity_AGP"][1],
+        rtol=1e-5,
+    )
     # --channels restricts and reorders; a missing channel is named.
-    assert cli_main(["classic", str(manifest), "--plate", "P9", "--out", str(out), "--channels", "DNA", "Mito",
-                     "--min-area", "50"]) == 0
+    assert (
+        cli_main(
+            [
+                "classic",
+                str(manifest),
+                "--plate",
+                "P9",
+                "--out",
+                str(out),
+                "--channels",
+                "DNA",
+                "Mito",
+                "--min-area",
+                "50",
+            ]
+        )
+        == 0
+    )
     assert "Cells_Correlation_Correlation_DNA_Mito" in pd.read_parquet(out).columns
-    assert cli_main(["classic", str(manifest), "--plate", "P9", "--out", str(out), "--channels", "DNA", "Golgi"]) == 2
+    assert (
+        cli_main(["classic", str(manifest), "--plate", "P9", "--out", str(out), "--channels", "DNA", "Golgi"])
+        == 2
+    )
     assert "Golgi" in capsys.readouterr().err
 
 
@@ -176,8 +238,12 @@ def test_lonafarnib_reduces_nucleus_count(shared_data, tmp_path):
     index = index[index["well"].isin(["A01", "J18", "P13"])]
     rows = []
     for (plate, well, site), group in index.groupby(["plate", "well", "site"]):
-        row = {"Metadata_Plate": plate, "Metadata_Well": well, "Metadata_Site": int(site),
-               "Metadata_Treatment": group["pert_iname"].iloc[0]}
+        row = {
+            "Metadata_Plate": plate,
+            "Metadata_Well": well,
+            "Metadata_Site": int(site),
+            "Metadata_Treatment": group["pert_iname"].iloc[0],
+        }
         for item in group.itertuples():
             path = tmp_path / f"{plate}_{well}_{site}_{item.channel_name}.png"
             Image.fromarray(np.asarray(Image.open(root / item.path))[300:780, 300:780]).save(path)
@@ -185,8 +251,10 @@ def test_lonafarnib_reduces_nucleus_count(shared_data, tmp_path):
         rows.append(row)
     manifest = tmp_path / "manifest.parquet"
     pd.DataFrame(rows).to_parquet(manifest, index=False)
-    tables = [classic.run_classic(manifest, plate, tmp_path / f"{plate}.parquet", channels=CHANNELS, workers=2)
-              for plate in sorted(index["plate"].unique())]
+    tables = [
+        classic.run_classic(manifest, plate, tmp_path / f"{plate}.parquet", channels=CHANNELS, workers=2)
+        for plate in sorted(index["plate"].unique())
+    ]
     features = pd.concat(tables)
     counts = features.groupby(["Metadata_Plate", "Metadata_Well"])["Count_Nuclei"].sum().unstack()
     print("nuclei per well (3 central 480² crops):\n" + counts.astype(int).to_string())

@@ -20,15 +20,34 @@ from phenoprofiler_core.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "config").glob("*.yaml"))
 BIN = str(Path(sys.executable).parent)
-CONTROLS = {"bbbc022": ["DMSO@0"], "cdrp": ["NA@NA"], "taorf": ["EMPTY_"], "lincs": ["DMSO"], "demo": ["DMSO"]}
+CONTROLS = {
+    "bbbc022": ["DMSO@0"],
+    "cdrp": ["NA@NA"],
+    "taorf": ["EMPTY_"],
+    "lincs": ["DMSO"],
+    "demo": ["DMSO"],
+}
 
 
 def _plan(config_path: Path, results: Path) -> dict[str, int]:
     """Job counts of `snakemake -n` (rule -> count)."""
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
     result = subprocess.run(
-        [f"{BIN}/snakemake", "-n", "--cores", "2", "--configfile", str(config_path), "--config", f"results={results}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            f"{BIN}/snakemake",
+            "-n",
+            "--cores",
+            "2",
+            "--configfile",
+            str(config_path),
+            "--config",
+            f"results={results}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     text = result.stdout + result.stderr
     assert result.returncode == 0, f"{config_path.name} does not plan:\n{text[-5000:]}"
@@ -48,7 +67,9 @@ def test_config_validates(path):
     config = load_config(path)
     assert config["dataset"]
     # channel maps come from the config and cover the canonical channels once each
-    assert sorted(config["channels"]) == sorted(set(config["images"]["channel_map"].values()) & set(config["channels"]))
+    assert sorted(config["channels"]) == sorted(
+        set(config["images"]["channel_map"].values()) & set(config["channels"])
+    )
     if path.stem in CONTROLS:
         assert config["metadata"]["negcon"] == CONTROLS[path.stem]
     if config["fetch"]["activate"]:

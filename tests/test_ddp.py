@@ -21,7 +21,7 @@ from phenoprofiler_core.errors import ConfigError
 from phenoprofiler_core.train import TrainConfig, train_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import make_plates  # noqa: E402
+from test_train import make_plates
 
 # Dropout off: N processes cannot draw the dropout masks one process draws (see distributed.py).
 MODEL = {"backbone": "test_resnet", "transformer_ffn": 64, "dropout": 0.0}
@@ -62,11 +62,38 @@ def _command(plates: Path, out: Path, processes: int, train: dict = TRAIN, float
         entry = [str(script)]
     else:
         entry = ["-m", "phenoprofiler_core.cli"]
-    launcher = [sys.executable] if processes == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    command = launcher + entry + [
-        "train", "--tiles-dir", str(plates / "tiles"), "--plates", "P1", "P2", "--targets-dir", str(plates / "classic"),
-        "--config-json", json.dumps(config), "--threads", str(processes), "--out", str(out)]
+    launcher = (
+        [sys.executable]
+        if processes == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(processes),
+        ]
+    )
+    command = (
+        launcher
+        + entry
+        + [
+            "train",
+            "--tiles-dir",
+            str(plates / "tiles"),
+            "--plates",
+            "P1",
+            "P2",
+            "--targets-dir",
+            str(plates / "classic"),
+            "--config-json",
+            json.dumps(config),
+            "--threads",
+            str(processes),
+            "--out",
+            str(out),
+        ]
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     return command, {**env, "OMP_NUM_THREADS": "1"}
 
@@ -108,11 +135,14 @@ def test_two_processes_train_the_same_model_as_one(plates, tmp_path):
         assert one["fingerprint"] == two["fingerprint"]  # train.distributed is not part of it
         assert one["best_epoch"] == two["best_epoch"]
     # stage 2 trained on (the comparison is not vacuous)
-    moved = _diffs(_states(tmp_path / "one", "stage1")["model_state"], _states(tmp_path / "one", "stage2")["model_state"])
+    moved = _diffs(
+        _states(tmp_path / "one", "stage1")["model_state"], _states(tmp_path / "one", "stage2")["model_state"]
+    )
     assert max(float(d.max()) for d in moved.values()) > 1e-4
     _compare_history(tmp_path / "one", tmp_path / "two", rtol=1e-6)  # the losses are float32
-    assert sorted(p.name for p in (tmp_path / "two" / "state").iterdir()) == \
-        sorted(p.name for p in (tmp_path / "one" / "state").iterdir())
+    assert sorted(p.name for p in (tmp_path / "two" / "state").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one" / "state").iterdir()
+    )
 
 
 def test_float32_two_processes_match_up_to_rounding(plates, tmp_path):
@@ -122,7 +152,9 @@ def test_float32_two_processes_match_up_to_rounding(plates, tmp_path):
     _train(plates, tmp_path / "two", 2)
     _train(plates, tmp_path / "one", 1)
     _compare_history(tmp_path / "one", tmp_path / "two", rtol=1e-2)
-    diffs = _diffs(_states(tmp_path / "one", "stage2")["model_state"], _states(tmp_path / "two", "stage2")["model_state"])
+    diffs = _diffs(
+        _states(tmp_path / "one", "stage2")["model_state"], _states(tmp_path / "two", "stage2")["model_state"]
+    )
     off = sum(int((d > 1e-5).sum()) for d in diffs.values())
     total = sum(d.numel() for d in diffs.values())
     assert off / total < 0.1, f"{off} of {total} weights differ by more than 1e-5"
@@ -180,7 +212,7 @@ def test_killed_two_process_run_resumes_to_the_same_weights(plates, tmp_path):
 def test_batch_size_must_split_over_the_processes(plates, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"train\.batch_size \(5\).*\(2, train\.distributed\.processes\)"):
         TrainConfig.from_dict({"batch_size": 5, "distributed": {"processes": 2}})
-    with pytest.raises(ConfigError, match="train.distributed.backend"):
+    with pytest.raises(ConfigError, match=r"train\.distributed\.backend"):
         TrainConfig.from_dict({"distributed": {"backend": "mpi"}})
     demo = yaml.safe_load((Path(__file__).parents[1] / "config" / "demo.yaml").read_text())
     demo.setdefault("train", {}).update(batch_size=6, distributed={"processes": 4})
@@ -189,8 +221,14 @@ def test_batch_size_must_split_over_the_processes(plates, tmp_path, monkeypatch)
     # torchrun's WORLD_SIZE is checked before any process group is joined
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match=r"train\.batch_size \(4\).*WORLD_SIZE"):
-        train_model(plates / "tiles", ["P1", "P2"], tmp_path / "x", model_options=MODEL, train_options=TRAIN,
-                    targets_dir=plates / "classic")
+        train_model(
+            plates / "tiles",
+            ["P1", "P2"],
+            tmp_path / "x",
+            model_options=MODEL,
+            train_options=TRAIN,
+            targets_dir=plates / "classic",
+        )
     assert check_batch_size(8, 4) == 2
 
 
@@ -208,9 +246,24 @@ def test_workflow_launches_torchrun_with_one_gpu_per_process(repo_root, tmp_path
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
     bin_dir = Path(sys.executable).parent
     result = subprocess.run(
-        [str(bin_dir / "snakemake"), "-n", "-p", "--cores", "2", "--configfile", str(tmp_path / "two.yaml"),
-         "--forcerun", "train", "--", f"{config['results']}/demo/model/{config['train']['name']}/stage2.pt"],
-        cwd=repo_root, capture_output=True, text=True, env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"))
+        [
+            str(bin_dir / "snakemake"),
+            "-n",
+            "-p",
+            "--cores",
+            "2",
+            "--configfile",
+            str(tmp_path / "two.yaml"),
+            "--forcerun",
+            "train",
+            "--",
+            f"{config['results']}/demo/model/{config['train']['name']}/stage2.pt",
+        ],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"),
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     train_job = result.stdout.split("rule train:")[1].split("\nrule ")[0]
     assert "torchrun --standalone --nproc_per_node 2 -m phenoprofiler_core.cli train " in train_job

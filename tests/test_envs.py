@@ -33,7 +33,9 @@ def test_every_rule_has_an_existing_conda_env(repo_root):
         assert conda, f"rule {name} in {smk.name} has no conda: directive"
         env = (smk.parent / conda).resolve()
         assert env.is_file(), f"rule {name}: conda file {env} does not exist"
-        assert env.with_name(env.stem + ".post-deploy.sh").is_file(), f"{env.name}: no post-deploy script installing the core"
+        assert env.with_name(env.stem + ".post-deploy.sh").is_file(), (
+            f"{env.name}: no post-deploy script installing the core"
+        )
 
 
 def test_env_pins_match_pyproject(repo_root):
@@ -47,4 +49,6 @@ def test_env_pins_match_pyproject(repo_root):
         for line in pip:
             req = Requirement(line)
             assert req.name.lower() in pinned, f"{env.name}: {req.name} is not a dependency in pyproject.toml"
-            assert req.specifier == pinned[req.name.lower()].specifier, f"{env.name}: {req} differs from pyproject's {pinned[req.name.lower()]}"
+            assert req.specifier == pinned[req.name.lower()].specifier, (
+                f"{env.name}: {req} differs from pyproject's {pinned[req.name.lower()]}"
+            )

@@ -33,15 +33,23 @@ def synthetic_profiles(folder, name, *, seed=0, signal=3.0, n_plates=2, drop_wel
         for t in range(12):
             moa = t % 4
             for _ in range(2):
-                rows.append(("P%d" % p, f"W{well:02d}", f"cpd{t}", "trt", f"moa{moa}"))
+                rows.append((f"P{p}", f"W{well:02d}", f"cpd{t}", "trt", f"moa{moa}"))
                 values.append(centres[moa] + rng.standard_normal(16))
                 well += 1
         for _ in range(4):
-            rows.append(("P%d" % p, f"W{well:02d}", "DMSO", "negcon", ""))
+            rows.append((f"P{p}", f"W{well:02d}", "DMSO", "negcon", ""))
             values.append(rng.standard_normal(16))
             well += 1
-    wells = pd.DataFrame(rows, columns=["Metadata_Plate", "Metadata_Well", "Metadata_Treatment",
-                                        "Metadata_pert_type", "Metadata_moa"])
+    wells = pd.DataFrame(
+        rows,
+        columns=[
+            "Metadata_Plate",
+            "Metadata_Well",
+            "Metadata_Treatment",
+            "Metadata_pert_type",
+            "Metadata_moa",
+        ],
+    )
     wells.insert(2, "Metadata_TreatmentId", wells["Metadata_Treatment"])
     features = [f"f{j}" for j in range(16)]
     wells = pd.concat([wells, pd.DataFrame(np.array(values, dtype=np.float32), columns=features)], axis=1)
@@ -55,11 +63,20 @@ def synthetic_profiles(folder, name, *, seed=0, signal=3.0, n_plates=2, drop_wel
 
 
 def test_evaluate_cli_and_summary(tmp_path):
-    good = synthetic_profiles(tmp_path / "profiles", "good", signal=3.0)
-    noise = synthetic_profiles(tmp_path / "profiles", "noise", signal=0.0, seed=1)
+    synthetic_profiles(tmp_path / "profiles", "good", signal=3.0)
+    synthetic_profiles(tmp_path / "profiles", "noise", signal=0.0, seed=1)
     for name in ("good", "noise"):
-        argv = ["evaluate", "--profiles", str(tmp_path / "profiles" / name), "--out", str(tmp_path / "eval" / name),
-                "--null-size", "500", "--seed", "0"]
+        argv = [
+            "evaluate",
+            "--profiles",
+            str(tmp_path / "profiles" / name),
+            "--out",
+            str(tmp_path / "eval" / name),
+            "--null-size",
+            "500",
+            "--seed",
+            "0",
+        ]
         assert cli.main(argv) == 0
     activity = pd.read_parquet(tmp_path / "eval" / "good" / "map_activity.parquet")
     assert len(activity) == 12 and "dmso" not in set(activity["Metadata_TreatmentId"].str.lower())
@@ -69,8 +86,19 @@ def test_evaluate_cli_and_summary(tmp_path):
     assert len(retrieval) == 12 and (retrieval["n_same_moa"] == 2).all()
 
     summary_path = tmp_path / "eval" / "summary.parquet"
-    assert cli.main(["evaluate", "--summary", str(tmp_path / "eval" / "good"), str(tmp_path / "eval" / "noise"),
-                     "--out", str(summary_path)]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--summary",
+                str(tmp_path / "eval" / "good"),
+                str(tmp_path / "eval" / "noise"),
+                "--out",
+                str(summary_path),
+            ]
+        )
+        == 0
+    )
     summary = pd.read_parquet(summary_path)
     assert set(summary["set"]) == {"good", "noise"}
     assert not summary.duplicated(["set", "metric", "variant"]).any()
@@ -86,8 +114,9 @@ def test_evaluate_cli_and_summary(tmp_path):
 def test_same_wells_restricts_to_wells_every_set_has(tmp_path):
     full = synthetic_profiles(tmp_path / "profiles", "full")
     partial = synthetic_profiles(tmp_path / "profiles", "partial", drop_well=[0, 1])  # both wells of cpd0, P0
-    paths = evaluate.evaluate_profiles(full, tmp_path / "eval" / "full", null_size=200,
-                                       same_wells_as=[full, partial])
+    paths = evaluate.evaluate_profiles(
+        full, tmp_path / "eval" / "full", null_size=200, same_wells_as=[full, partial]
+    )
     retrieval = pd.read_parquet(paths["foe_map_recall"])
     assert retrieval.loc[retrieval["Metadata_TreatmentId"] == "cpd0", "n_wells"].item() == 2  # was 4
     activity = pd.read_parquet(paths["map_activity"])
@@ -95,7 +124,7 @@ def test_same_wells_restricts_to_wells_every_set_has(tmp_path):
 
 
 def test_missing_profiles_is_an_error_naming_the_file(tmp_path):
-    with pytest.raises(DataError, match="selected.parquet"):
+    with pytest.raises(DataError, match=r"selected\.parquet"):
         evaluate.evaluate_profiles(tmp_path / "nothing", tmp_path / "eval")
 
 
@@ -107,22 +136,41 @@ def bbbc021_site_tables(data_dir, folder):
     base = data_dir / "bbbc021_ljosa2013_per_well_profiles"
     wells = pd.read_csv(base / "ljosa_jbiomolscreen_2013_per_well_mean.csv.gz")
     images = pd.read_csv(base / "BBBC021_v1_image.csv.gz")[
-        ["Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI", "Image_Metadata_Compound",
-         "Image_Metadata_Concentration"]].drop_duplicates()
+        [
+            "Image_Metadata_Plate_DAPI",
+            "Image_Metadata_Well_DAPI",
+            "Image_Metadata_Compound",
+            "Image_Metadata_Concentration",
+        ]
+    ].drop_duplicates()
     moa = pd.read_csv(base / "BBBC021_v1_moa.csv")
-    joined = wells.merge(images, left_on=["Image_Metadata_Plate", "Image_Metadata_Well"],
-                         right_on=["Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI"], validate="one_to_one")
-    joined = joined.merge(moa, left_on=["Image_Metadata_Compound", "Image_Metadata_Concentration"],
-                          right_on=["compound", "concentration"], validate="many_to_one")
+    joined = wells.merge(
+        images,
+        left_on=["Image_Metadata_Plate", "Image_Metadata_Well"],
+        right_on=["Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI"],
+        validate="one_to_one",
+    )
+    joined = joined.merge(
+        moa,
+        left_on=["Image_Metadata_Compound", "Image_Metadata_Concentration"],
+        right_on=["compound", "concentration"],
+        validate="many_to_one",
+    )
     assert len(joined) == 632  # README: every well gets a label
     features = [c for c in wells.columns if not c.startswith("Image_")]
     is_dmso = joined["compound"] == "DMSO"
     treatment = joined["compound"] + "@" + joined["concentration"].astype(str)
-    table = pd.DataFrame({
-        "Metadata_Plate": joined["Image_Metadata_Plate"], "Metadata_Well": joined["Image_Metadata_Well"],
-        "Metadata_Site": 1, "Metadata_Treatment": treatment, "Metadata_TreatmentId": treatment,
-        "Metadata_pert_type": np.where(is_dmso, "negcon", "trt"), "Metadata_moa": np.where(is_dmso, "", joined["moa"]),
-    })
+    table = pd.DataFrame(
+        {
+            "Metadata_Plate": joined["Image_Metadata_Plate"],
+            "Metadata_Well": joined["Image_Metadata_Well"],
+            "Metadata_Site": 1,
+            "Metadata_Treatment": treatment,
+            "Metadata_TreatmentId": treatment,
+            "Metadata_pert_type": np.where(is_dmso, "negcon", "trt"),
+            "Metadata_moa": np.where(is_dmso, "", joined["moa"]),
+        }
+    )
     table = pd.concat([table, joined[features].astype(np.float32)], axis=1)
     paths = []
     for plate, part in table.groupby("Metadata_Plate"):
@@ -146,12 +194,46 @@ def test_bbbc021_moa_retrieval_beats_shuffled_labels(shared_data, tmp_path):
     site_tables = bbbc021_site_tables(shared_data, tmp_path)
     out = tmp_path / "profiles" / "classic"
     # Per-plate robust z-scores against that plate's DMSO wells, then the default feature selection.
-    assert cli.main(["profiles", "--features", *map(str, site_tables), "--out", str(out),
-                     "--normalize", "mad_robustize"]) == 0
-    assert cli.main(["evaluate", "--profiles", str(out), "--out", str(tmp_path / "eval" / "classic"),
-                     "--null-size", "1000"]) == 0
-    assert cli.main(["evaluate", "--summary", str(tmp_path / "eval" / "classic"),
-                     "--out", str(tmp_path / "eval" / "summary.parquet")]) == 0
+    assert (
+        cli.main(
+            [
+                "profiles",
+                "--features",
+                *map(str, site_tables),
+                "--out",
+                str(out),
+                "--normalize",
+                "mad_robustize",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--profiles",
+                str(out),
+                "--out",
+                str(tmp_path / "eval" / "classic"),
+                "--null-size",
+                "1000",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--summary",
+                str(tmp_path / "eval" / "classic"),
+                "--out",
+                str(tmp_path / "eval" / "summary.parquet"),
+            ]
+        )
+        == 0
+    )
     summary = pd.read_parquet(tmp_path / "eval" / "summary.parquet").set_index("metric")["value"]
     retrieval = pd.read_parquet(tmp_path / "eval" / "classic" / "foe_map_recall.parquet")
     assert len(retrieval) == 103  # 103 compound-concentrations with a MoA
@@ -160,8 +242,20 @@ def test_bbbc021_moa_retrieval_beats_shuffled_labels(shared_data, tmp_path):
     features = profiles.feature_columns(selected)
     shuffled = evaluate.foe_map_recall(shuffled_moa(selected), features)
     shuffled_summary = metrics.summarize_retrieval(evaluate._result_from_table(shuffled))
-    print({k: round(summary[k], 3) for k in ("map_ap", "map_interpolated", "recall_top10pct", "foe_top1_mean",
-                                             "map_consistency", "map_activity", "fraction_retrieved_activity")})
+    print(
+        {
+            k: round(summary[k], 3)
+            for k in (
+                "map_ap",
+                "map_interpolated",
+                "recall_top10pct",
+                "foe_top1_mean",
+                "map_consistency",
+                "map_activity",
+                "fraction_retrieved_activity",
+            )
+        }
+    )
     print({k: round(v["value"], 3) for k, v in shuffled_summary.items()})
     # Published per-well-mean baselines for this feature set are ~0.6-0.9 (README); chance ~0.1.
     assert summary["map_ap"] > 0.6
@@ -175,13 +269,17 @@ def test_bbbc021_moa_retrieval_beats_shuffled_labels(shared_data, tmp_path):
 def lincs_wells(data_dir) -> tuple[pd.DataFrame, list[str]]:
     raw = pd.read_csv(data_dir / "lincs_SQ00015054_profiles" / "SQ00015054_normalized_feature_select.csv.gz")
     features = [c for c in raw.columns if not c.startswith("Metadata_")]
-    wells = pd.DataFrame({
-        "Metadata_Plate": raw["Metadata_Plate"], "Metadata_Well": raw["Metadata_Well"],
-        # A compound's wells (its doses) are its replicates, as in copairs' LINCS example.
-        "Metadata_TreatmentId": raw["Metadata_broad_sample"], "Metadata_Treatment": raw["Metadata_broad_sample"],
-        "Metadata_pert_type": np.where(raw["Metadata_pert_type"] == "control", "negcon", "trt"),
-        "Metadata_moa": raw["Metadata_moa"].fillna(""),
-    })
+    wells = pd.DataFrame(
+        {
+            "Metadata_Plate": raw["Metadata_Plate"],
+            "Metadata_Well": raw["Metadata_Well"],
+            # A compound's wells (its doses) are its replicates, as in copairs' LINCS example.
+            "Metadata_TreatmentId": raw["Metadata_broad_sample"],
+            "Metadata_Treatment": raw["Metadata_broad_sample"],
+            "Metadata_pert_type": np.where(raw["Metadata_pert_type"] == "control", "negcon", "trt"),
+            "Metadata_moa": raw["Metadata_moa"].fillna(""),
+        }
+    )
     return pd.concat([wells, raw[features]], axis=1), features
 
 
@@ -192,10 +290,14 @@ def test_lincs_activity_beats_shuffled_labels(shared_data):
     rng = np.random.default_rng(SHUFFLE_SEED)
     shuffled = wells.copy()
     treated = (shuffled["Metadata_pert_type"] == "trt").to_numpy()
-    shuffled.loc[treated, "Metadata_TreatmentId"] = rng.permutation(shuffled.loc[treated, "Metadata_TreatmentId"].to_numpy())
+    shuffled.loc[treated, "Metadata_TreatmentId"] = rng.permutation(
+        shuffled.loc[treated, "Metadata_TreatmentId"].to_numpy()
+    )
     null = evaluate.activity_map(shuffled, features, null_size=2000, seed=0)
     real_map, null_map = activity["mean_average_precision"].mean(), null["mean_average_precision"].mean()
     real_frac, null_frac = activity["below_corrected_p"].mean(), null["below_corrected_p"].mean()
-    print(f"LINCS activity mAP {real_map:.3f} (shuffled {null_map:.3f}); retrieved {real_frac:.2f} (shuffled {null_frac:.2f})")
+    print(
+        f"LINCS activity mAP {real_map:.3f} (shuffled {null_map:.3f}); retrieved {real_frac:.2f} (shuffled {null_frac:.2f})"
+    )
     assert real_map > null_map + 0.2
     assert real_frac > 0.4 and null_frac < 0.1

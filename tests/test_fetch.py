@@ -46,15 +46,29 @@ def s3(repo_root):
     endpoint = f"http://{host}:{port}"
     import boto3
 
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     client.create_bucket(Bucket=BUCKET, ACL="public-read")  # like the Gallery: anonymous reads
     demo = repo_root / "resources" / "demo"
     for plate in PLATES:
         for name in SITE_FILES:
-            client.upload_file(str(demo / "images" / plate / name), BUCKET, f"{PREFIX}{plate}/{name}", ExtraArgs=PUBLIC)
-    client.put_object(Bucket=BUCKET, Key=f"{PREFIX}SQ00099999/r01c01f01p01-ch1sk1fk1fl1.png", Body=b"not wanted", ACL="public-read")
-    client.put_object(Bucket=BUCKET, Key=f"{PREFIX}{PLATES[0]}/thumbs/small.png", Body=b"thumbnail", ACL="public-read")
+            client.upload_file(
+                str(demo / "images" / plate / name), BUCKET, f"{PREFIX}{plate}/{name}", ExtraArgs=PUBLIC
+            )
+    client.put_object(
+        Bucket=BUCKET,
+        Key=f"{PREFIX}SQ00099999/r01c01f01p01-ch1sk1fk1fl1.png",
+        Body=b"not wanted",
+        ACL="public-read",
+    )
+    client.put_object(
+        Bucket=BUCKET, Key=f"{PREFIX}{PLATES[0]}/thumbs/small.png", Body=b"thumbnail", ACL="public-read"
+    )
     for name in ("barcode_platemap_rows.csv", "C-7161-01-LM6-014.txt"):
         client.upload_file(str(demo / "metadata" / name), BUCKET, f"{META_PREFIX}{name}", ExtraArgs=PUBLIC)
     yield endpoint
@@ -88,12 +102,21 @@ def test_expand_globs():
 
 
 def test_fetch_mirrors_selected_objects_byte_for_byte(repo_root, tmp_path, s3):
-    listing = fetch(f"s3://{BUCKET}/{PREFIX}", tmp_path / "images", include=["{plate}/*.png"], exclude=["*/thumbs/*"],
-                    plates=PLATES, endpoint_url=s3, workers=4)
+    listing = fetch(
+        f"s3://{BUCKET}/{PREFIX}",
+        tmp_path / "images",
+        include=["{plate}/*.png"],
+        exclude=["*/thumbs/*"],
+        plates=PLATES,
+        endpoint_url=s3,
+        workers=4,
+    )
     assert len(listing) == 10 and set(listing.action) == {"downloaded"}
     for plate in PLATES:
         for name in SITE_FILES:
-            assert (tmp_path / "images" / plate / name).read_bytes() == (repo_root / "resources/demo/images" / plate / name).read_bytes()
+            assert (tmp_path / "images" / plate / name).read_bytes() == (
+                repo_root / "resources/demo/images" / plate / name
+            ).read_bytes()
     assert not (tmp_path / "images" / "SQ00099999").exists()  # plate not asked for
     assert not list((tmp_path / "images").rglob("thumbs"))  # excluded
     assert not list((tmp_path / "images").rglob(".*tmp*"))  # no temporary leftovers
@@ -101,7 +124,9 @@ def test_fetch_mirrors_selected_objects_byte_for_byte(repo_root, tmp_path, s3):
 
 def test_fetch_resumes_skipping_complete_files(tmp_path, s3):
     dest = tmp_path / "images"
-    kwargs = dict(include=["{plate}/*.png"], exclude=["*/thumbs/*"], plates=PLATES[:1], endpoint_url=s3, workers=2)
+    kwargs = dict(
+        include=["{plate}/*.png"], exclude=["*/thumbs/*"], plates=PLATES[:1], endpoint_url=s3, workers=2
+    )
     fetch(f"s3://{BUCKET}/{PREFIX}", dest, **kwargs)
     # an interrupted download: a truncated file, and a stray temp file from a killed run
     broken = dest / PLATES[0] / SITE_FILES[2]
@@ -126,14 +151,21 @@ def test_fetch_from_local_root_needs_no_network(repo_root, tmp_path):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes((repo_root / "resources/demo/images" / plate / name).read_bytes())
     dest = tmp_path / "images"
-    listing = fetch(f"s3://{BUCKET}/{PREFIX}", dest, plates=PLATES, local_root=str(mirror),
-                    endpoint_url="http://127.0.0.1:9")  # would fail if any request were made
+    listing = fetch(
+        f"s3://{BUCKET}/{PREFIX}",
+        dest,
+        plates=PLATES,
+        local_root=str(mirror),
+        endpoint_url="http://127.0.0.1:9",
+    )  # would fail if any request were made
     assert len(listing) == 10 and set(listing.action) == {"linked"}
     assert (dest / PLATES[0] / SITE_FILES[0]).is_symlink()
     again = fetch(f"s3://{BUCKET}/{PREFIX}", dest, plates=PLATES, local_root=str(mirror))
     assert set(again.action) == {"skipped"}
     copied = fetch(str(mirror / PREFIX), tmp_path / "copy", plates=PLATES[:1], link="copy")
-    assert set(copied.action) == {"copied"} and not (tmp_path / "copy" / PLATES[0] / SITE_FILES[0]).is_symlink()
+    assert (
+        set(copied.action) == {"copied"} and not (tmp_path / "copy" / PLATES[0] / SITE_FILES[0]).is_symlink()
+    )
 
 
 def test_empty_selection_names_source_and_globs(tmp_path, s3):
@@ -162,16 +194,31 @@ def test_cli_fetch_writes_listing_last(repo_root, tmp_path, s3, capsys):
     assert len(listing) == 12 and {"key", "path", "size", "action"} <= set(listing.columns)
     # the same with explicit options, as a user types it (a subprocess: the real console script)
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "phenoprofiler"), "fetch", "--source", f"s3://{BUCKET}/{PREFIX}",
-         "--dest", str(tmp_path / "again"), "--plate", PLATES[1], "--include", "{plate}/*.png", "--endpoint-url", s3],
-        capture_output=True, text=True,
+        [
+            str(Path(sys.executable).parent / "phenoprofiler"),
+            "fetch",
+            "--source",
+            f"s3://{BUCKET}/{PREFIX}",
+            "--dest",
+            str(tmp_path / "again"),
+            "--plate",
+            PLATES[1],
+            "--include",
+            "{plate}/*.png",
+            "--endpoint-url",
+            s3,
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "again" / PLATES[1]).glob("*.png"))) == 5
 
 
 def test_cli_error_is_one_line(tmp_path, s3, capsys):
-    code = cli.main(["fetch", "--source", f"s3://{BUCKET}/nope/", "--dest", str(tmp_path), "--endpoint-url", s3])
+    code = cli.main(
+        ["fetch", "--source", f"s3://{BUCKET}/nope/", "--dest", str(tmp_path), "--endpoint-url", s3]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "phenoprofiler fetch: error: fetch: nothing under s3://cellpainting-gallery/nope/" in err
@@ -184,9 +231,19 @@ def test_workflow_plans_fetch_before_manifest(repo_root, tmp_path, s3):
     configfile.write_text(yaml.safe_dump(config))
     bin_dir = str(Path(sys.executable).parent)
     result = subprocess.run(
-        [f"{bin_dir}/snakemake", str(tmp_path / "results/demo/manifest.parquet"), "-n", "--cores", "1",
-         "--configfile", str(configfile)],
-        cwd=repo_root, capture_output=True, text=True, env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"),
+        [
+            f"{bin_dir}/snakemake",
+            str(tmp_path / "results/demo/manifest.parquet"),
+            "-n",
+            "--cores",
+            "1",
+            "--configfile",
+            str(configfile),
+        ],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     jobs = result.stdout + result.stderr
@@ -210,13 +267,18 @@ def test_workflow_fetches_then_builds_manifest_and_tiles(repo_root, tmp_path, s3
     targets = [str(results / "manifest.parquet")] + [str(results / "tiles" / f"{p}.npy") for p in PLATES]
     result = subprocess.run(
         [f"{bin_dir}/snakemake", *targets, "--cores", "2", "--configfile", str(configfile)],
-        cwd=repo_root, capture_output=True, text=True, env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"),
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     listing = pd.read_csv(results / "fetch" / "files.tsv", sep="\t")
     assert len(listing) == 12 and set(listing.action) == {"downloaded"}
     manifest = pd.read_parquet(results / "manifest.parquet")
-    assert len(manifest) == 2 and all(p.startswith(str(tmp_path / "data" / "images")) for p in manifest.Path_DNA)
+    assert len(manifest) == 2 and all(
+        p.startswith(str(tmp_path / "data" / "images")) for p in manifest.Path_DNA
+    )
     import numpy as np
 
     assert np.load(results / "tiles" / f"{PLATES[0]}.npy").shape == (1, 5, 448, 448)

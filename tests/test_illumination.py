@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from helpers import cell_image, save
 from scipy import ndimage
 
-from helpers import cell_image, save
 from phenoprofiler_core.errors import ImageError
 from phenoprofiler_core.illumination import illumination_function, mean_image, robust_rescale
 
@@ -31,7 +31,7 @@ def plate(tmp_path_factory):
 
 def direct_recipe(average, downsample=0.2, median_size=20, robust_quantile=0.02):
     """CellProfiler's recipe written out at full resolution: median of size 20/0.2 = 100 px."""
-    smooth = ndimage.median_filter(average, size=int(round(median_size / downsample)), mode="nearest")
+    smooth = ndimage.median_filter(average, size=round(median_size / downsample), mode="nearest")
     positive = smooth[smooth > 0]
     robust_min = np.quantile(positive, robust_quantile)
     return np.maximum(smooth, robust_min) / robust_min
@@ -56,7 +56,7 @@ def test_function_tracks_the_vignetting(plate):
 
 
 def test_correction_flattens_vignetting(plate):
-    paths, v = plate
+    paths, _v = plate
     function = illumination_function(mean_image(paths))
     images = np.stack([np.asarray(__import__("tifffile").imread(p), np.float64) for p in paths])
 
@@ -79,7 +79,7 @@ def test_robust_rescale_is_at_least_one():
 def test_mixed_sizes_and_bit_depths_fail_naming_the_file(tmp_path):
     a = save(cell_image((40, 40), seed=1), tmp_path / "a.tif")
     b = save(cell_image((40, 48), seed=2), tmp_path / "b.tif")
-    with pytest.raises(ImageError, match="b.tif"):
+    with pytest.raises(ImageError, match=r"b\.tif"):
         mean_image([a, b])
     c = save(cell_image((40, 40), seed=3, dtype=np.uint8), tmp_path / "c.tif")
     with pytest.raises(ImageError, match=r"c\.tif.*uint8"):
@@ -90,13 +90,13 @@ def test_corrupt_and_missing_images_fail_naming_the_file(tmp_path):
     good = save(cell_image((40, 40)), tmp_path / "good.png")
     truncated = tmp_path / "trunc.png"
     truncated.write_bytes(good.read_bytes()[:60])
-    with pytest.raises(ImageError, match="trunc.png"):
+    with pytest.raises(ImageError, match=r"trunc\.png"):
         mean_image([good, truncated])
     bad_tiff = tmp_path / "bad.tif"
     bad_tiff.write_bytes(b"II*\x00garbage")
-    with pytest.raises(ImageError, match="bad.tif"):
+    with pytest.raises(ImageError, match=r"bad\.tif"):
         mean_image([bad_tiff])
-    with pytest.raises(ImageError, match="absent.png"):
+    with pytest.raises(ImageError, match=r"absent\.png"):
         mean_image([tmp_path / "absent.png"])
 
 
@@ -104,5 +104,5 @@ def test_nan_image_fails(tmp_path):
     image = np.ones((20, 20), np.float32)
     image[3, 4] = np.nan
     path = save(image, tmp_path / "nan.tif")
-    with pytest.raises(ImageError, match="nan.tif.*NaN"):
+    with pytest.raises(ImageError, match=r"nan\.tif.*NaN"):
         mean_image([path])

@@ -3,8 +3,8 @@
 import numpy as np
 import pandas as pd
 import pytest
-
 from helpers import cell_image, save, write_imagexpress_plate, write_phenix_plate, write_platemap
+
 from phenoprofiler_core.config import load_config, validate_config
 from phenoprofiler_core.errors import ConfigError, DataError
 from phenoprofiler_core.io import read_image
@@ -14,7 +14,11 @@ CH5 = {"1": "DNA", "2": "ER", "3": "RNA", "4": "AGP", "5": "Mito"}
 
 
 def _config(root, layout, metadata, channel_map=CH5, channels=None, **images):
-    cfg = {"dataset": "t", "images": {"root": str(root), "layout": layout, "channel_map": channel_map, **images}, "metadata": metadata}
+    cfg = {
+        "dataset": "t",
+        "images": {"root": str(root), "layout": layout, "channel_map": channel_map, **images},
+        "metadata": metadata,
+    }
     if channels:
         cfg["channels"] = channels
     return validate_config(cfg)
@@ -30,13 +34,25 @@ def test_demo_manifest_from_shipped_metadata(repo_root, monkeypatch):
     assert treatments == {"A01": {"DMSO"}, "J18": {"DMSO"}, "A13": {"orantinib"}, "P13": {"lonafarnib"}}
     moa = manifest.set_index("Metadata_Well")["Metadata_moa"].to_dict()
     assert moa["P13"] == "farnesyltransferase inhibitor"
-    assert set(moa["A13"].split("|")) == {"FGFR inhibitor", "PDGFR tyrosine kinase receptor inhibitor", "VEGFR inhibitor"}
+    assert set(moa["A13"].split("|")) == {
+        "FGFR inhibitor",
+        "PDGFR tyrosine kinase receptor inhibitor",
+        "VEGFR inhibitor",
+    }
     assert set(manifest.loc[manifest.Metadata_Treatment == "DMSO", "Metadata_pert_type"]) == {"negcon"}
     assert set(manifest.loc[manifest.Metadata_Treatment != "DMSO", "Metadata_pert_type"]) == {"trt"}
     # channel order follows the config, and the channel map (ch1 = DNA) comes from it
-    assert [c for c in manifest.columns if c.startswith("Path_")] == ["Path_DNA", "Path_ER", "Path_RNA", "Path_AGP", "Path_Mito"]
+    assert [c for c in manifest.columns if c.startswith("Path_")] == [
+        "Path_DNA",
+        "Path_ER",
+        "Path_RNA",
+        "Path_AGP",
+        "Path_Mito",
+    ]
     row = manifest.iloc[0]
-    assert row.Path_DNA.endswith("r01c01f01p01-ch1sk1fk1fl1.png") and row.Path_Mito.endswith("-ch5sk1fk1fl1.png")
+    assert row.Path_DNA.endswith("r01c01f01p01-ch1sk1fk1fl1.png") and row.Path_Mito.endswith(
+        "-ch5sk1fk1fl1.png"
+    )
 
 
 def test_phenix_real_lincs_sites(shared_data, tmp_path):
@@ -53,13 +69,17 @@ def test_phenix_real_lincs_sites(shared_data, tmp_path):
     assert len(manifest) == len(expected) // 5 == 60
     # every site's treatment agrees with the table shipped with the data
     truth = expected.drop_duplicates(["plate", "well"]).set_index(["plate", "well"])["pert_iname"]
-    got = manifest.drop_duplicates(["Metadata_Plate", "Metadata_Well"]).set_index(["Metadata_Plate", "Metadata_Well"])["Metadata_Treatment"]
+    got = manifest.drop_duplicates(["Metadata_Plate", "Metadata_Well"]).set_index(
+        ["Metadata_Plate", "Metadata_Well"]
+    )["Metadata_Treatment"]
     assert got.sort_index().tolist() == truth.sort_index().tolist()
     # each channel path is the file the data's own index lists for that channel
     lookup = expected.set_index(["plate", "well", "site", "channel_name"])["path"]
     for row in manifest.itertuples():
         for ch in ("DNA", "Mito"):
-            assert getattr(row, f"Path_{ch}").endswith(lookup[(row.Metadata_Plate, row.Metadata_Well, row.Metadata_Site, ch)])
+            assert getattr(row, f"Path_{ch}").endswith(
+                lookup[(row.Metadata_Plate, row.Metadata_Well, row.Metadata_Site, ch)]
+            )
 
 
 def test_imagexpress_real_bbbc022_site(shared_data, tmp_path):
@@ -79,10 +99,17 @@ def test_imagexpress_real_bbbc022_site(shared_data, tmp_path):
 def test_pattern_real_jump_tiffs_16bit(shared_data, tmp_path):
     src = shared_data / "jump_rab30_mini" / "tiff"
     table = tmp_path / "wells.csv"
-    table.write_text("plate,well_position,broad_sample\nBR00123947,G01,RAB30_ORF\nCP-CC9-R1-05,L07,RAB30_CRISPR\n")
+    table.write_text(
+        "plate,well_position,broad_sample\nBR00123947,G01,RAB30_ORF\nCP-CC9-R1-05,L07,RAB30_CRISPR\n"
+    )
     cmap = {c: c for c in ("DNA", "ER", "RNA", "AGP", "Mito")}
-    cfg = _config(src, "pattern", {"wells": str(table)}, channel_map=cmap,
-                  pattern=r"(?P<plate>.+)_(?P<well>[A-P]\d\d)_s(?P<site>\d+)_(?P<channel>[A-Za-z]+)\.tif$")
+    cfg = _config(
+        src,
+        "pattern",
+        {"wells": str(table)},
+        channel_map=cmap,
+        pattern=r"(?P<plate>.+)_(?P<well>[A-P]\d\d)_s(?P<site>\d+)_(?P<channel>[A-Za-z]+)\.tif$",
+    )
     manifest = build_manifest(cfg)
     assert len(manifest) == 2
     assert set(manifest.Metadata_Plate) == {"BR00123947", "CP-CC9-R1-05"}
@@ -94,7 +121,10 @@ def test_phenix_generated_16bit_tiff(tmp_path):
     meta = write_platemap(tmp_path / "meta", "P1", {"A01": "DMSO", "B02": "cpd1"})
     manifest = build_manifest(_config(tmp_path / "img", "phenix", meta))
     assert len(manifest) == 4
-    assert manifest.set_index("Metadata_Well")["Metadata_pert_type"].to_dict() == {"A01": "negcon", "B02": "trt"}
+    assert manifest.set_index("Metadata_Well")["Metadata_pert_type"].to_dict() == {
+        "A01": "negcon",
+        "B02": "trt",
+    }
     assert read_image(manifest.Path_ER[0]).dtype == np.uint16
 
 
@@ -102,11 +132,20 @@ def test_imagexpress_generated_three_channels(tmp_path):
     # BBBC021-like: 3 channels, 16-bit TIFF, channel tokens w1..w3
     write_imagexpress_plate(tmp_path / "img", "Week1_22123", channels=3)
     meta = write_platemap(tmp_path / "meta", "Week1_22123", {"A01": "DMSO", "B02": "taxol"})
-    cfg = _config(tmp_path / "img", "imagexpress", meta, channel_map={"1": "DNA", "2": "Tubulin", "3": "Actin"},
-                  channels=["DNA", "Tubulin", "Actin"])
+    cfg = _config(
+        tmp_path / "img",
+        "imagexpress",
+        meta,
+        channel_map={"1": "DNA", "2": "Tubulin", "3": "Actin"},
+        channels=["DNA", "Tubulin", "Actin"],
+    )
     manifest = build_manifest(cfg)
     assert len(manifest) == 4
-    assert [c for c in manifest.columns if c.startswith("Path_")] == ["Path_DNA", "Path_Tubulin", "Path_Actin"]
+    assert [c for c in manifest.columns if c.startswith("Path_")] == [
+        "Path_DNA",
+        "Path_Tubulin",
+        "Path_Actin",
+    ]
     assert all("_w2" in p for p in manifest.Path_Tubulin)
 
 
@@ -123,8 +162,14 @@ def test_loaddata_csv(tmp_path):
             rows.append(row)
     pd.DataFrame(rows).to_csv(tmp_path / "load_data.csv", index=False)
     meta = write_platemap(tmp_path / "meta", "P9", {"A01": "DMSO", "B02": "x"})
-    cfg = _config(tmp_path, "loaddata", meta, channel_map={"OrigDNA": "DNA", "OrigER": "ER"}, channels=["DNA", "ER"],
-                  loaddata=str(tmp_path / "load_data.csv"))
+    cfg = _config(
+        tmp_path,
+        "loaddata",
+        meta,
+        channel_map={"OrigDNA": "DNA", "OrigER": "ER"},
+        channels=["DNA", "ER"],
+        loaddata=str(tmp_path / "load_data.csv"),
+    )
     manifest = build_manifest(cfg)
     assert len(manifest) == 4
     assert manifest.Path_ER[0].endswith("A01_1_OrigER.tif")
@@ -147,7 +192,7 @@ def test_well_without_treatment_fails(tmp_path):
 
 def test_duplicate_site_images_fail(tmp_path):
     write_phenix_plate(tmp_path / "img", "P1")
-    src = tmp_path / "img" / "P1" / "r01c01f01p01-ch1sk1fk1fl1.png"
+    tmp_path / "img" / "P1" / "r01c01f01p01-ch1sk1fk1fl1.png"
     (tmp_path / "img" / "P1" / "r01c01f01p01-ch1sk1fk1fl1.tiff").write_bytes(b"")  # same site/channel twice
     meta = write_platemap(tmp_path / "meta", "P1", {"A01": "DMSO", "B02": "c"})
     with pytest.raises(DataError, match="more than one DNA"):
@@ -156,5 +201,5 @@ def test_duplicate_site_images_fail(tmp_path):
 
 def test_missing_image_root_names_the_key(tmp_path):
     meta = write_platemap(tmp_path / "meta", "P1", {"A01": "DMSO"})
-    with pytest.raises(ConfigError, match="images.root"):
+    with pytest.raises(ConfigError, match=r"images\.root"):
         build_manifest(_config(tmp_path / "nope", "phenix", meta))

@@ -96,7 +96,7 @@ def test_both_map_flavours_on_the_hand_example():
     M = metrics.moa_match_matrix(HAND_MOA)
     r = metrics.retrieval_metrics(HAND_S, M)
     assert r.interpolated_precision[0] == pytest.approx(2 / 3)
-    grid, curve, per_query = metrics.interpolated_curve_reference(HAND_S, M)
+    grid, _curve, per_query = metrics.interpolated_curve_reference(HAND_S, M)
     assert grid.tolist() == pytest.approx([1, 2 / 3, 1 / 3, 0])
     assert per_query[0] == pytest.approx(2 / 3)
     # map_ap of the same query is 5/6 (previous test): the two published flavours differ.
@@ -132,7 +132,10 @@ def test_vectorised_matches_reference(seed):
     if seed % 4 == 0:
         S = np.round(S, 1)
     first = rng.integers(0, 5, n)
-    moas = [f"m{a}|m{(a + 1) % 5}" if rng.random() < 0.2 else ("" if rng.random() < 0.1 else f"m{a}") for a in first]
+    moas = [
+        f"m{a}|m{(a + 1) % 5}" if rng.random() < 0.2 else ("" if rng.random() < 0.1 else f"m{a}")
+        for a in first
+    ]
     M = metrics.moa_match_matrix(moas)
     fast = metrics.retrieval_metrics(S, M, block_rows=9)
 
@@ -142,7 +145,7 @@ def test_vectorised_matches_reference(seed):
     np.testing.assert_allclose(foe["odds_ratio"], fast.foe_odds_ratio[q])
     np.testing.assert_allclose(foe["p_value"], fast.foe_p_value[q], rtol=1e-9)
     np.testing.assert_allclose(metrics.map_ap_reference(S, M), fast.average_precision, atol=1e-12)
-    _, curve, per_query = metrics.interpolated_curve_reference(S, M)
+    _, _curve, per_query = metrics.interpolated_curve_reference(S, M)
     np.testing.assert_allclose(per_query, fast.interpolated_precision, atol=1e-12)
     reference_recall = metrics.recall_reference(S, M)
     for k, values in reference_recall.items():

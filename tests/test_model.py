@@ -110,7 +110,9 @@ def test_projection_head_shape_and_residual():
     y = head(x)
     assert y.shape == (3, 672)
     projected = head.projection(x)
-    expected = F.layer_norm(head.fc(F.gelu(projected)) + projected, (672,), head.layer_norm.weight, head.layer_norm.bias)
+    expected = F.layer_norm(
+        head.fc(F.gelu(projected)) + projected, (672,), head.layer_norm.weight, head.layer_norm.bias
+    )
     assert torch.allclose(y, expected, atol=1e-5)
 
 
@@ -127,13 +129,16 @@ def test_full_model_shapes_and_heads():
     assert same.regression_head is None
 
 
-@pytest.mark.parametrize("options", [
-    {"gradient_encoder": False},
-    {"transformer_blocks": 0},
-    {"transformer_blocks": 2, "transformer_heads": 2},
-    {"input_size": 48},
-    {"projection_dim": 32},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"gradient_encoder": False},
+        {"transformer_blocks": 0},
+        {"transformer_blocks": 2, "transformer_heads": 2},
+        {"input_size": 48},
+        {"projection_dim": 32},
+    ],
+)
 def test_ablations_and_options_build_and_run(options):
     model = create_model({**TINY, **options}, in_channels=3, num_classes=2).eval()
     with torch.no_grad():
@@ -213,8 +218,13 @@ def test_each_loss_falls_when_overfitting_a_tiny_batch(loss_name):
 def test_zero_weight_loss_gives_no_gradient():
     torch.manual_seed(0)
     model = create_model(TINY, in_channels=5, num_classes=3, target_dim=8)
-    parts = compute_losses(model, torch.rand(4, 5, 32, 32), torch.randn(4, 8), torch.tensor([0, 1, 2, 0]),
-                           LossWeights(contrastive=0.0, mse=1.0, ce=0.0))
+    parts = compute_losses(
+        model,
+        torch.rand(4, 5, 32, 32),
+        torch.randn(4, 8),
+        torch.tensor([0, 1, 2, 0]),
+        LossWeights(contrastive=0.0, mse=1.0, ce=0.0),
+    )
     parts["loss"].backward()
     assert model.classifier.weight.grad is None or model.classifier.weight.grad.abs().max() == 0
     assert torch.isclose(parts["loss"], parts["mse"])
@@ -230,6 +240,8 @@ def test_pretrained_file_loads_local_weights(tmp_path):
     backbone = create_backbone("resnet10t", pretrained=True, pretrained_file=str(path))
     assert torch.equal(backbone.conv1[0].weight, source.conv1[0].weight)
     # and through the model factory (the gradient encoder turns 5 channels into the 3 the stem expects)
-    model = create_model({"backbone": "resnet10t", "pretrained": True, "pretrained_file": str(path),
-                          "transformer_ffn": 64}, in_channels=5)
+    model = create_model(
+        {"backbone": "resnet10t", "pretrained": True, "pretrained_file": str(path), "transformer_ffn": 64},
+        in_channels=5,
+    )
     assert torch.equal(model.image_encoder.model.layer4[0].conv1.weight, source.layer4[0].conv1.weight)

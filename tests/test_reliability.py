@@ -43,7 +43,13 @@ def _plate(folder: Path, n_sites: int) -> Path:
 
 def _peak_rss_mb(manifest: Path, out: Path) -> float:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(manifest), str(out)], env=env, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(manifest), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(result.stdout.strip().splitlines()[-1]) / 1024
 
 
@@ -60,8 +66,14 @@ def _start(repo_root, args, log: Path) -> subprocess.Popen:
     while we poll would fill up and stall the run)."""
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
     with open(log, "ab") as handle:
-        return subprocess.Popen([f"{BIN}/snakemake", *args], cwd=repo_root, env=env, stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [f"{BIN}/snakemake", *args],
+            cwd=repo_root,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _finish(proc: subprocess.Popen, log: Path, timeout: int = 1500) -> None:
@@ -69,13 +81,17 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: int = 1500) -> None:
 
 
 def _snakemake(repo_root, results, *targets):
-    return _start(repo_root, [*targets, "--cores", "1", "--config", f"results={results}"], Path(f"{results}.log"))
+    return _start(
+        repo_root, [*targets, "--cores", "1", "--config", f"results={results}"], Path(f"{results}.log")
+    )
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_tiles(repo_root, tmp_path):
     plates = ["SQ00015198", "SQ00015230", "SQ00015231"]
-    targets = lambda results: [f"{results}/demo/tiles/{p}.npy" for p in plates]
+
+    def targets(results):
+        return [f"{results}/demo/tiles/{p}.npy" for p in plates]
 
     reference = tmp_path / "reference"
     _finish(_snakemake(repo_root, reference, *targets(reference)), Path(f"{reference}.log"))
@@ -85,7 +101,11 @@ def test_killed_run_resumes_to_identical_tiles(repo_root, tmp_path):
     deadline = time.time() + 300
     # kill the whole run as soon as the first tiles job has started (its log exists) but not all finished
     while time.time() < deadline:
-        logs = list((interrupted / "demo" / "logs" / "tiles").glob("*.log")) if (interrupted / "demo" / "logs" / "tiles").exists() else []
+        logs = (
+            list((interrupted / "demo" / "logs" / "tiles").glob("*.log"))
+            if (interrupted / "demo" / "logs" / "tiles").exists()
+            else []
+        )
         if logs:
             time.sleep(0.5)
             break
@@ -98,8 +118,12 @@ def test_killed_run_resumes_to_identical_tiles(repo_root, tmp_path):
     for leftover in (interrupted / "demo" / "tiles").glob("*"):
         assert not leftover.name.endswith(".npy") or leftover.name.startswith(".") or leftover.stem in plates
 
-    subprocess.run([f"{BIN}/snakemake", "--unlock", "--config", f"results={interrupted}"], cwd=repo_root,
-                   env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}"), capture_output=True)
+    subprocess.run(
+        [f"{BIN}/snakemake", "--unlock", "--config", f"results={interrupted}"],
+        cwd=repo_root,
+        env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}"),
+        capture_output=True,
+    )
     _finish(_snakemake(repo_root, interrupted, *targets(interrupted)), Path(f"{interrupted}.log"))
     for plate in plates:
         a = np.load(reference / "demo" / "tiles" / f"{plate}.npy")
@@ -122,7 +146,15 @@ def test_killed_training_resumes_and_the_whole_run_is_deterministic(repo_root, t
     quick.write_text("train: {epochs_stage1: 4, epochs_stage2: 2}\n")
 
     def snakemake_all(results):
-        args = ["--cores", "2", "--configfile", "config/demo.yaml", str(quick), "--config", f"results={results}"]
+        args = [
+            "--cores",
+            "2",
+            "--configfile",
+            "config/demo.yaml",
+            str(quick),
+            "--config",
+            f"results={results}",
+        ]
         return _start(repo_root, args, Path(f"{results}.log"))
 
     reference = tmp_path / "reference"
@@ -143,18 +175,29 @@ def test_killed_training_resumes_and_the_whole_run_is_deterministic(repo_root, t
     assert not (interrupted / "demo" / "model" / "phenoprofiler_demo" / "stage2.pt").exists()
 
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
-    subprocess.run([f"{BIN}/snakemake", "--unlock", "--config", f"results={interrupted}"], cwd=repo_root, env=env, capture_output=True)
+    subprocess.run(
+        [f"{BIN}/snakemake", "--unlock", "--config", f"results={interrupted}"],
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+    )
     _finish(snakemake_all(interrupted), Path(f"{interrupted}.log"))
 
     import torch
 
-    a = torch.load(reference / "demo/model/phenoprofiler_demo/stage2.pt", map_location="cpu", weights_only=False)
-    b = torch.load(interrupted / "demo/model/phenoprofiler_demo/stage2.pt", map_location="cpu", weights_only=False)
+    a = torch.load(
+        reference / "demo/model/phenoprofiler_demo/stage2.pt", map_location="cpu", weights_only=False
+    )
+    b = torch.load(
+        interrupted / "demo/model/phenoprofiler_demo/stage2.pt", map_location="cpu", weights_only=False
+    )
     sa, sb = a["model_state"], b["model_state"]
     tensors = list(sa)
     assert tensors and all(torch.equal(sa[k], sb[k]) for k in tensors)
-    pd.testing.assert_frame_equal(pd.read_csv(reference / "demo/model/phenoprofiler_demo/history.csv"),
-                                  pd.read_csv(interrupted / "demo/model/phenoprofiler_demo/history.csv"))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(reference / "demo/model/phenoprofiler_demo/history.csv"),
+        pd.read_csv(interrupted / "demo/model/phenoprofiler_demo/history.csv"),
+    )
     compared = 0
     for sub in ("features", "profiles", "eval"):
         for ref in sorted((reference / "demo" / sub).rglob("*.parquet")):

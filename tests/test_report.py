@@ -17,13 +17,22 @@ from phenoprofiler_core.cli import main
 
 CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
 SETS = ["classic", "untrained", "demo_model"]
-TREATMENTS = {"DMSO": ("negcon", ""), "bortezomib": ("trt", "proteasome inhibitor"),
-              "taxol": ("trt", "tubulin polymerization inhibitor"), "nocodazole": ("trt", "tubulin polymerization inhibitor"),
-              "staurosporine": ("poscon", "PKC inhibitor|apoptosis inducer")}
+TREATMENTS = {
+    "DMSO": ("negcon", ""),
+    "bortezomib": ("trt", "proteasome inhibitor"),
+    "taxol": ("trt", "tubulin polymerization inhibitor"),
+    "nocodazole": ("trt", "tubulin polymerization inhibitor"),
+    "staurosporine": ("poscon", "PKC inhibitor|apoptosis inducer"),
+}
 # Values that appear nowhere else, so finding them in the page proves the table carries them.
-SUMMARY_VALUES = {("classic", "map_activity"): 0.4321, ("untrained", "map_activity"): 0.2468,
-                  ("demo_model", "map_activity"): 0.6543, ("classic", "foe"): 3.1415,
-                  ("demo_model", "foe"): 7.2222, ("classic", "recall@1"): 0.1357}
+SUMMARY_VALUES = {
+    ("classic", "map_activity"): 0.4321,
+    ("untrained", "map_activity"): 0.2468,
+    ("demo_model", "map_activity"): 0.6543,
+    ("classic", "foe"): 3.1415,
+    ("demo_model", "foe"): 7.2222,
+    ("classic", "recall@1"): 0.1357,
+}
 
 
 def _well_layout():
@@ -45,10 +54,21 @@ def make_fake_results(root: Path, *, n_wells_profiles: int | None = None) -> Pat
     layout = _well_layout()
 
     manifest = pd.DataFrame(
-        [{"Metadata_Plate": p, "Metadata_Well": w, "Metadata_Site": s, "Metadata_Treatment": t,
-          "Metadata_TreatmentId": f"BRD-{t[:4].upper()}", "Metadata_pert_type": k, "Metadata_moa": m,
-          **{f"Path_{c}": f"/data/{p}/{w}_s{s}_{c}.tif" for c in CHANNELS}}
-         for p, w, t, k, m in layout for s in (1, 2)])
+        [
+            {
+                "Metadata_Plate": p,
+                "Metadata_Well": w,
+                "Metadata_Site": s,
+                "Metadata_Treatment": t,
+                "Metadata_TreatmentId": f"BRD-{t[:4].upper()}",
+                "Metadata_pert_type": k,
+                "Metadata_moa": m,
+                **{f"Path_{c}": f"/data/{p}/{w}_s{s}_{c}.tif" for c in CHANNELS},
+            }
+            for p, w, t, k, m in layout
+            for s in (1, 2)
+        ]
+    )
     manifest["Metadata_Site"] = manifest["Metadata_Site"].astype(int)
     results.mkdir(parents=True)
     manifest.to_parquet(results / "manifest.parquet", index=False)
@@ -85,43 +105,66 @@ def make_fake_results(root: Path, *, n_wells_profiles: int | None = None) -> Pat
         for epoch in range(1, 5):
             for split in ("train", "val"):
                 decay = 1.0 / (epoch + 4 * (stage - 1))
-                history.append({"stage": stage, "epoch": epoch, "split": split, "mse": 0.05 * decay,
-                                "ce": np.nan if stage == 1 else 2.0 * decay,
-                                "contrastive": np.nan if stage == 1 else 1.5 * decay})
+                history.append(
+                    {
+                        "stage": stage,
+                        "epoch": epoch,
+                        "split": split,
+                        "mse": 0.05 * decay,
+                        "ce": np.nan if stage == 1 else 2.0 * decay,
+                        "contrastive": np.nan if stage == 1 else 1.5 * decay,
+                    }
+                )
     history = pd.DataFrame(history)
     history["loss"] = 100 * history["mse"] + 0.1 * history["ce"].fillna(0) + history["contrastive"].fillna(0)
     (results / "model" / "demo_model").mkdir(parents=True)
     history.to_csv(results / "model" / "demo_model" / "history.csv", index=False)
 
     summary = [{"set": s, "metric": m, "value": v, "variant": None} for (s, m), v in SUMMARY_VALUES.items()]
-    summary += [{"set": "demo_model", "metric": "map", "value": 0.5551, "variant": "map_interpolated"},
-                {"set": "demo_model", "metric": "map", "value": 0.5662, "variant": "map_ap"}]
+    summary += [
+        {"set": "demo_model", "metric": "map", "value": 0.5551, "variant": "map_interpolated"},
+        {"set": "demo_model", "metric": "map", "value": 0.5662, "variant": "map_ap"},
+    ]
     for row in summary:  # evaluate's summary also says what each metric measures
         row["description"] = "copairs mAP vs negcon" if row["metric"] == "map_activity" else None
     (results / "eval").mkdir()
     pd.DataFrame(summary).to_parquet(results / "eval" / "summary.parquet", index=False)
 
-    wells = pd.DataFrame(layout, columns=["Metadata_Plate", "Metadata_Well", "Metadata_Treatment",
-                                          "Metadata_pert_type", "Metadata_moa"])
+    wells = pd.DataFrame(
+        layout,
+        columns=[
+            "Metadata_Plate",
+            "Metadata_Well",
+            "Metadata_Treatment",
+            "Metadata_pert_type",
+            "Metadata_moa",
+        ],
+    )
     if n_wells_profiles is not None:
         wells = wells.iloc[:n_wells_profiles]
     treatment_names = list(TREATMENTS)
     centres = rng.normal(size=(len(TREATMENTS), 24))
     for k, name in enumerate(SETS):
-        activity = pd.DataFrame({
-            "Metadata_Treatment": treatment_names[1:],
-            "mean_average_precision": [0.91, 0.35, 0.62, 0.12][:] if k == 2 else [0.81, 0.25, 0.52, 0.02],
-            "corrected_p_value": [0.001, 0.2, 0.01, 0.9],
-        })
+        activity = pd.DataFrame(
+            {
+                "Metadata_Treatment": treatment_names[1:],
+                "mean_average_precision": [0.91, 0.35, 0.62, 0.12][:] if k == 2 else [0.81, 0.25, 0.52, 0.02],
+                "corrected_p_value": [0.001, 0.2, 0.01, 0.9],
+            }
+        )
         activity["below_corrected_p"] = activity["corrected_p_value"] < 0.05
         (results / "eval" / name).mkdir()
         activity.to_parquet(results / "eval" / name / "map_activity.parquet", index=False)
 
         idx = wells["Metadata_Treatment"].map(treatment_names.index).to_numpy()
         features = centres[idx] + 0.3 * rng.normal(size=(len(wells), 24))
-        profiles = pd.concat([wells.reset_index(drop=True),
-                              pd.DataFrame(features.astype(np.float32), columns=[f"f{j}" for j in range(24)])],
-                             axis=1)
+        profiles = pd.concat(
+            [
+                wells.reset_index(drop=True),
+                pd.DataFrame(features.astype(np.float32), columns=[f"f{j}" for j in range(24)]),
+            ],
+            axis=1,
+        )
         profiles["f_const"] = np.float32(1.0)  # a constant feature must not break the embedding
         (results / "profiles" / name).mkdir(parents=True)
         profiles.to_parquet(results / "profiles" / name / "normalized.parquet", index=False)
@@ -131,7 +174,8 @@ def make_fake_results(root: Path, *, n_wells_profiles: int | None = None) -> Pat
         for job in jobs:
             (results / "benchmarks" / rule / f"{job}.tsv").write_text(
                 "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
-                f"{12.5 if rule == 'train' else 2.25}\t0:00:12\t812.4\t900.1\t700\t710\t1.0\t2.0\t95.0\t11.0\n")
+                f"{12.5 if rule == 'train' else 2.25}\t0:00:12\t812.4\t900.1\t700\t710\t1.0\t2.0\t95.0\t11.0\n"
+            )
     return results
 
 
@@ -145,7 +189,9 @@ def text_only(fragment: str) -> str:
 
 
 def data_pngs(fragment: str) -> list[bytes]:
-    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', fragment)]
+    return [
+        base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', fragment)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +199,19 @@ def full_report(tmp_path_factory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("report")
     results = make_fake_results(root)
     out = results / "report.html"
-    rc = main(["report", "--results-dir", str(results), "--sets", *SETS, "--title", "Fake dataset report",
-               "--out", str(out)])
+    rc = main(
+        [
+            "report",
+            "--results-dir",
+            str(results),
+            "--sets",
+            *SETS,
+            "--title",
+            "Fake dataset report",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     return results, out.read_text()
 
@@ -210,15 +267,17 @@ def test_map_training_umap_runtimes(full_report):
     _, page = full_report
     found = sections(page)
     assert "0.910" in found["map"] and "bortezomib" in found["map"]
-    assert 'class="num sig">0.910' in found["map"]          # significant = shaded
-    assert 'class="num">0.120' in found["map"]              # not significant = plain
+    assert 'class="num sig">0.910' in found["map"]  # significant = shaded
+    assert 'class="num">0.120' in found["map"]  # not significant = plain
     assert len(data_pngs(found["training"])) == 1 and "demo_model" in found["training"]
     umap = found["umap"]
     assert len(data_pngs(umap)) == len(SETS)
     assert umap.count("UMAP (cosine") == len(SETS) and "PCA" not in text_only(umap)
     runtimes = found["runtimes"]
     assert re.search(r"<td>train</td><td class=\"num\">1</td><td>0:00:12</td>", runtimes)
-    assert re.search(r"<td>tiles</td><td class=\"num\">2</td><td>0:00:04</td><td class=\"num\">4.5</td>", runtimes)
+    assert re.search(
+        r"<td>tiles</td><td class=\"num\">2</td><td>0:00:04</td><td class=\"num\">4.5</td>", runtimes
+    )
 
 
 def test_self_contained_and_images_decode(full_report):
@@ -246,7 +305,10 @@ def test_missing_inputs_give_notes(tmp_path):
     results = tmp_path / "results" / "empty"
     results.mkdir(parents=True)
     out = results / "report.html"
-    assert main(["report", "--results-dir", str(results), "--sets", "classic", "demo_model", "--out", str(out)]) == 0
+    assert (
+        main(["report", "--results-dir", str(results), "--sets", "classic", "demo_model", "--out", str(out)])
+        == 0
+    )
     found = sections(out.read_text())
     assert list(found) == [sid for sid, _ in report.SECTIONS]
     for sid, body in found.items():
@@ -275,10 +337,14 @@ def test_partial_and_broken_inputs(tmp_path):
 
 def test_activity_table_keeps_doses_apart(tmp_path):
     path = tmp_path / "map_activity.parquet"
-    pd.DataFrame({"Metadata_TreatmentId": ["BRD-1@1uM", "BRD-1@10uM", "BRD-2"],
-                  "Metadata_Treatment": ["drug1", "drug1", "drug2"],
-                  "average_precision_mean": [0.2, 0.8, 0.5],
-                  "corrected_p_value": [0.5, 0.01, 0.04]}).to_parquet(path)
+    pd.DataFrame(
+        {
+            "Metadata_TreatmentId": ["BRD-1@1uM", "BRD-1@10uM", "BRD-2"],
+            "Metadata_Treatment": ["drug1", "drug1", "drug2"],
+            "average_precision_mean": [0.2, 0.8, 0.5],
+            "corrected_p_value": [0.5, 0.01, 0.04],
+        }
+    ).to_parquet(path)
     table = report._read_activity(path).set_index("treatment")
     assert table.loc["drug1 [BRD-1@10uM]", "map"] == pytest.approx(0.8)
     assert table.loc["drug1 [BRD-1@1uM]", "map"] == pytest.approx(0.2)
@@ -289,8 +355,13 @@ def test_activity_table_keeps_doses_apart(tmp_path):
 
 def test_duplicate_metric_rows_are_flagged(tmp_path):
     (tmp_path / "eval").mkdir()
-    pd.DataFrame({"set": ["classic", "classic", "untrained"], "metric": ["map", "map", "map"],
-                  "value": [0.5, 0.7, 0.1]}).to_parquet(tmp_path / "eval" / "summary.parquet")
+    pd.DataFrame(
+        {
+            "set": ["classic", "classic", "untrained"],
+            "metric": ["map", "map", "map"],
+            "value": [0.5, 0.7, 0.1],
+        }
+    ).to_parquet(tmp_path / "eval" / "summary.parquet")
     metrics = report.section_metrics(tmp_path, ["classic", "untrained"])
     assert "1 duplicate (set, metric, variant) rows" in metrics and "classic/map" in metrics
     assert "0.500" in metrics and "0.100" in metrics
@@ -307,8 +378,12 @@ def test_other_count_column_and_well_names():
 
 
 def test_bad_option_names_the_key(tmp_path, capsys):
-    assert main(["report", "--results-dir", str(tmp_path), "--out", str(tmp_path / "r.html"),
-                 "--table-rows", "0"]) == 2
+    assert (
+        main(
+            ["report", "--results-dir", str(tmp_path), "--out", str(tmp_path / "r.html"), "--table-rows", "0"]
+        )
+        == 2
+    )
     assert "report.table_rows" in capsys.readouterr().err
 
 

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_report import SETS, make_fake_results
 
 from phenoprofiler_core import report
-
-from test_report import SETS, make_fake_results
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -30,9 +29,17 @@ if CHROMIUM is None:
 
 # The machine is offline and shared: no sandbox (we run as root in containers), no GPU, and
 # nothing that phones home.
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 
 # Chromium logs page console messages and uncaught exceptions as "...:CONSOLE:<line>] ..." with
 # --enable-logging=stderr; failed resource loads (an external URL on an offline machine) also
@@ -43,7 +50,10 @@ _CONSOLE = re.compile(r"CONSOLE|Uncaught|Failed to load resource|net::ERR_", re.
 def _chromium(page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *extra, page.resolve().as_uri()],
-        capture_output=True, text=True, timeout=180, check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
 
 
@@ -74,8 +84,11 @@ def test_checks_catch_a_broken_page(tmp_path):
     """Negative control: a script error and an undecodable picture must both be detected."""
     page = tmp_path / "broken.html"
     good = report.build_report(tmp_path, sets=[])  # empty folder: notes only, but the real page shell
-    broken = good.replace("</main>", '<img src="data:image/png;base64,iVBORw0KGgoAAAAbroken" alt="bad">'
-                                     "<script>notDefinedAnywhere();</script></main>")
+    broken = good.replace(
+        "</main>",
+        '<img src="data:image/png;base64,iVBORw0KGgoAAAAbroken" alt="bad">'
+        "<script>notDefinedAnywhere();</script></main>",
+    )
     page.write_text(broken)
     dom, errors = render(page, tmp_path)
     assert any("notDefinedAnywhere" in line for line in errors), errors
@@ -99,10 +112,10 @@ def test_undecodable_picture_becomes_a_visible_note(report_page, tmp_path):
     html = report_page.read_text()
     # Truncate one payload, as a cut-off copy of the file would.
     first = re.search(r'data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
-    damaged = html[: first.start(1)] + first.group(1)[:40] + html[first.end(1):]
+    damaged = html[: first.start(1)] + first.group(1)[:40] + html[first.end(1) :]
     page = tmp_path / "damaged.html"
     page.write_text(damaged)
-    dom, errors = render(page, tmp_path)
+    dom, _errors = render(page, tmp_path)
     total = html.count("<img ")
     assert images_ok(dom) == (total - 1, total)
     assert dom.count('<p class="note error">This picture could not be displayed: ') == 1
@@ -110,7 +123,9 @@ def test_undecodable_picture_becomes_a_visible_note(report_page, tmp_path):
 
 def test_screenshot_is_not_blank(report_page, tmp_path):
     shot = tmp_path / "report.png"
-    done = _chromium(report_page, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1280,4000")
+    done = _chromium(
+        report_page, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1280,4000"
+    )
     assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
     assert pixels.shape == (4000, 1280, 3)

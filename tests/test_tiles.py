@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import cell_image, save
 from skimage.transform import resize
 
-from helpers import cell_image, save
 from phenoprofiler_core.errors import ImageError
 from phenoprofiler_core.io import write_npy
 from phenoprofiler_core.tiles import as_float, assemble_tiles, load_tiles
@@ -18,8 +18,15 @@ CHANNELS = ["DNA", "ER", "RNA"]
 def make_plate(folder, n_sites=5, shape=(64, 64), dtype=np.uint16):
     rows = []
     for s in range(n_sites):
-        row = {"Metadata_Plate": "P1", "Metadata_Well": f"A{s + 1:02d}", "Metadata_Site": 1, "Metadata_Treatment": "x",
-               "Metadata_TreatmentId": "x", "Metadata_pert_type": "trt", "Metadata_moa": ""}
+        row = {
+            "Metadata_Plate": "P1",
+            "Metadata_Well": f"A{s + 1:02d}",
+            "Metadata_Site": 1,
+            "Metadata_Treatment": "x",
+            "Metadata_TreatmentId": "x",
+            "Metadata_pert_type": "trt",
+            "Metadata_moa": "",
+        }
         for k, ch in enumerate(CHANNELS):
             image = cell_image(shape, seed=10 * s + k, dtype=dtype, peak=1000.0 * (k + 1))
             if ch == "DNA":
@@ -31,6 +38,7 @@ def make_plate(folder, n_sites=5, shape=(64, 64), dtype=np.uint16):
 
 def read_site(row):
     import tifffile
+
     return np.stack([tifffile.imread(row[f"Path_{c}"]).astype(np.float32) for c in CHANNELS])
 
 
@@ -98,7 +106,7 @@ def test_corrupt_image_mid_plate_leaves_no_output(tmp_path):
     with open(bad, "r+b") as handle:
         handle.truncate(100)
     out = tmp_path / "tiles" / "P1.npy"
-    with pytest.raises(ImageError, match="s3_RNA.tif"):
+    with pytest.raises(ImageError, match=r"s3_RNA\.tif"):
         assemble_tiles(manifest, CHANNELS, out, size=32, batch_size=2, progress=False)
     assert list((tmp_path / "tiles").iterdir()) == []  # no tile file, no scratch, no half index
 
@@ -106,5 +114,5 @@ def test_corrupt_image_mid_plate_leaves_no_output(tmp_path):
 def test_wrong_size_within_plate_fails_naming_the_file(tmp_path):
     manifest = make_plate(tmp_path / "img")
     save(cell_image((64, 80)), tmp_path / "img" / "s2_ER.tif")
-    with pytest.raises(ImageError, match="s2_ER.tif"):
+    with pytest.raises(ImageError, match=r"s2_ER\.tif"):
         assemble_tiles(manifest, CHANNELS, tmp_path / "P1.npy", size=32, progress=False)

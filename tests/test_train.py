@@ -13,16 +13,30 @@ import torch
 from phenoprofiler_core import cli
 from phenoprofiler_core.embed import EmbedConfig, build_model, embed_array
 from phenoprofiler_core.errors import ConfigError, DataError
-from phenoprofiler_core.train import TrainingInterrupted, load_training_data, read_targets, train_model, \
-    weights_digest, TrainConfig
+from phenoprofiler_core.train import (
+    TrainConfig,
+    TrainingInterrupted,
+    load_training_data,
+    read_targets,
+    train_model,
+    weights_digest,
+)
 
 MODEL = {"backbone": "test_resnet", "transformer_ffn": 64}
-TRAIN = {"level": "site", "epochs_stage1": 2, "epochs_stage2": 2, "batch_size": 4, "lr_step": 1, "lr_gamma": 0.5}
+TRAIN = {
+    "level": "site",
+    "epochs_stage1": 2,
+    "epochs_stage2": 2,
+    "batch_size": 4,
+    "lr_step": 1,
+    "lr_gamma": 0.5,
+}
 KEYS = ["Metadata_Plate", "Metadata_Well", "Metadata_Site"]
 
 
-def make_plates(root: Path, plates=("P1", "P2"), wells=4, sites=2, size=32, channels=5, dim=8, seed=0,
-                cells_per_site=0) -> Path:
+def make_plates(
+    root: Path, plates=("P1", "P2"), wells=4, sites=2, size=32, channels=5, dim=8, seed=0, cells_per_site=0
+) -> Path:
     """tiles/<plate>.npy + .sites.parquet, classic/<plate>.parquet (targets), optional cells/."""
     rng = np.random.default_rng(seed)
     for sub in ("tiles", "classic", "cells"):
@@ -31,22 +45,36 @@ def make_plates(root: Path, plates=("P1", "P2"), wells=4, sites=2, size=32, chan
         rows, tiles, cell_rows, crops = [], [], [], []
         for w in range(wells):
             for s in range(1, sites + 1):
-                rows.append({"Metadata_Plate": plate, "Metadata_Well": f"A{w + 1:02d}", "Metadata_Site": s,
-                             "Metadata_Treatment": f"trt{w}", "Metadata_TreatmentId": f"id{w}",
-                             "Metadata_pert_type": "negcon" if w == 0 else "trt", "Metadata_moa": ""})
+                rows.append(
+                    {
+                        "Metadata_Plate": plate,
+                        "Metadata_Well": f"A{w + 1:02d}",
+                        "Metadata_Site": s,
+                        "Metadata_Treatment": f"trt{w}",
+                        "Metadata_TreatmentId": f"id{w}",
+                        "Metadata_pert_type": "negcon" if w == 0 else "trt",
+                        "Metadata_moa": "",
+                    }
+                )
                 # Treatments differ in brightness and blockiness, so there is something to learn.
                 base = rng.random((channels, 4, 4)) * (0.3 + 0.15 * w)
-                tile = np.kron(base, np.ones((size // 4, size // 4))) + 0.05 * rng.random((channels, size, size))
+                tile = np.kron(base, np.ones((size // 4, size // 4))) + 0.05 * rng.random(
+                    (channels, size, size)
+                )
                 tiles.append(tile.astype(np.float16))
                 for c in range(cells_per_site):
-                    cell_rows.append({**rows[-1], "Metadata_ObjectNumber": c + 1, "Metadata_X": 5.0, "Metadata_Y": 5.0})
+                    cell_rows.append(
+                        {**rows[-1], "Metadata_ObjectNumber": c + 1, "Metadata_X": 5.0, "Metadata_Y": 5.0}
+                    )
                     crops.append(rng.random((channels, 16, 16)).astype(np.float16))
         site_table = pd.DataFrame(rows)
         np.save(root / "tiles" / f"{plate}.npy", np.stack(tiles))
         site_table.to_parquet(root / "tiles" / f"{plate}.sites.parquet")
         feats = rng.normal(size=(len(site_table), dim)).astype(np.float32)
         feats[:, 0] = [t.astype(np.float32).mean() for t in tiles]
-        table = pd.concat([site_table[KEYS], pd.DataFrame(feats, columns=[f"feat_{i}" for i in range(dim)])], axis=1)
+        table = pd.concat(
+            [site_table[KEYS], pd.DataFrame(feats, columns=[f"feat_{i}" for i in range(dim)])], axis=1
+        )
         table.to_parquet(root / "classic" / f"{plate}.parquet")
         if cells_per_site:
             np.save(root / "cells" / f"{plate}.npy", np.stack(crops))
@@ -60,8 +88,16 @@ def plates(tmp_path) -> Path:
 
 
 def _train(plates: Path, out: Path, **kw):
-    return train_model(plates / "tiles", ["P1", "P2"], out, model_options=MODEL,
-                       train_options={**TRAIN, **kw.pop("train", {})}, targets_dir=plates / "classic", seed=0, **kw)
+    return train_model(
+        plates / "tiles",
+        ["P1", "P2"],
+        out,
+        model_options=MODEL,
+        train_options={**TRAIN, **kw.pop("train", {})},
+        targets_dir=plates / "classic",
+        seed=0,
+        **kw,
+    )
 
 
 def _states_equal(a: dict, b: dict) -> bool:
@@ -74,8 +110,22 @@ def _states_equal(a: dict, b: dict) -> bool:
 def test_cli_train_writes_checkpoints_and_history(plates, tmp_path):
     out = tmp_path / "model" / "demo"
     config = json.dumps({"model": MODEL, "train": TRAIN, "seed": 3})
-    rc = cli.main(["train", "--tiles-dir", str(plates / "tiles"), "--plates", "P1", "P2",
-                   "--targets-dir", str(plates / "classic"), "--config-json", config, "--out", str(out)])
+    rc = cli.main(
+        [
+            "train",
+            "--tiles-dir",
+            str(plates / "tiles"),
+            "--plates",
+            "P1",
+            "P2",
+            "--targets-dir",
+            str(plates / "classic"),
+            "--config-json",
+            config,
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     history = pd.read_csv(out / "history.csv")
     assert list(history.columns) == ["stage", "epoch", "split", "loss", "mse", "ce", "contrastive"]
@@ -101,8 +151,10 @@ def test_stage2_starts_from_stage1_weights(plates, tmp_path):
     assert not _states_equal(stage1["model_state"], stage2["model_state"])  # and then it trained
     # With no stage-2 epochs the stage-2 model *is* the stage-1 model.
     paths0 = _train(plates, tmp_path / "b", train={"epochs_stage2": 0})
-    assert _states_equal(torch.load(paths0["stage1"], weights_only=False)["model_state"],
-                         torch.load(paths0["stage2"], weights_only=False)["model_state"])
+    assert _states_equal(
+        torch.load(paths0["stage1"], weights_only=False)["model_state"],
+        torch.load(paths0["stage2"], weights_only=False)["model_state"],
+    )
 
 
 def test_interrupted_and_resumed_run_reproduces_weights(plates, tmp_path):
@@ -128,8 +180,10 @@ def test_different_settings_do_not_resume_stale_state(plates, tmp_path):
         _train(plates, out, stop_after_epochs=1)
     fresh = _train(plates, out, train={"lr": 5e-4})
     reference = _train(plates, tmp_path / "ref", train={"lr": 5e-4})
-    assert _states_equal(torch.load(fresh["stage2"], weights_only=False)["model_state"],
-                         torch.load(reference["stage2"], weights_only=False)["model_state"])
+    assert _states_equal(
+        torch.load(fresh["stage2"], weights_only=False)["model_state"],
+        torch.load(reference["stage2"], weights_only=False)["model_state"],
+    )
 
 
 # ----------------------------------------------------------------------------- data, splits, targets
@@ -160,8 +214,14 @@ def test_treatment_split_keeps_treatments_whole_and_controls_in_training(plates)
 
 def test_bad_inputs_name_the_problem(plates, tmp_path):
     with pytest.raises(ConfigError, match="at least 2 plates"):
-        train_model(plates / "tiles", ["P1"], tmp_path / "x", model_options=MODEL, train_options=TRAIN,
-                    targets_dir=plates / "classic")
+        train_model(
+            plates / "tiles",
+            ["P1"],
+            tmp_path / "x",
+            model_options=MODEL,
+            train_options=TRAIN,
+            targets_dir=plates / "classic",
+        )
     table = pd.read_parquet(plates / "classic" / "P2.parquet")
     table.iloc[1:].to_parquet(plates / "classic" / "P2.parquet")
     with pytest.raises(DataError, match=r"no regression target.*'P2', 'A01', 1"):
@@ -184,8 +244,22 @@ def test_nan_targets_become_zero(plates):
 def test_embed_trained_and_untrained(plates, tmp_path):
     paths = _train(plates, tmp_path / "m", train={"epochs_stage1": 1, "epochs_stage2": 1})
     out = tmp_path / "features" / "demo" / "P1.parquet"
-    assert cli.main(["embed", "--plate", "P1", "--tiles-dir", str(plates / "tiles"),
-                     "--checkpoint", str(paths["stage2"]), "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "embed",
+                "--plate",
+                "P1",
+                "--tiles-dir",
+                str(plates / "tiles"),
+                "--checkpoint",
+                str(paths["stage2"]),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     table = pd.read_parquet(out)
     sites = pd.read_parquet(plates / "tiles" / "P1.sites.parquet")
     emb = [c for c in table.columns if c.startswith("emb_")]
@@ -202,8 +276,25 @@ def test_embed_trained_and_untrained(plates, tmp_path):
     untrained = []
     for seed in (0, 0, 1):
         path = tmp_path / f"untrained_{len(untrained)}.parquet"
-        assert cli.main(["embed", "--plate", "P1", "--tiles-dir", str(plates / "tiles"), "--untrained",
-                         "--seed", str(seed), "--config-json", json.dumps({"model": MODEL}), "--out", str(path)]) == 0
+        assert (
+            cli.main(
+                [
+                    "embed",
+                    "--plate",
+                    "P1",
+                    "--tiles-dir",
+                    str(plates / "tiles"),
+                    "--untrained",
+                    "--seed",
+                    str(seed),
+                    "--config-json",
+                    json.dumps({"model": MODEL}),
+                    "--out",
+                    str(path),
+                ]
+            )
+            == 0
+        )
         untrained.append(pd.read_parquet(path)[emb].to_numpy())
     assert np.array_equal(untrained[0], untrained[1])  # seeded
     assert not np.allclose(untrained[0], untrained[2])
@@ -214,9 +305,25 @@ def test_cell_level_embedding_is_the_site_median(tmp_path):
     root = make_plates(tmp_path / "cells", plates=("P1",), cells_per_site=3)
     model, _ = build_model("untrained", model_options=MODEL, in_channels=5, seed=0)
     out = tmp_path / "cell.parquet"
-    assert cli.main(["embed", "--plate", "P1", "--tiles-dir", str(root / "tiles"), "--cells-dir", str(root / "cells"),
-                     "--untrained", "--config-json", json.dumps({"model": MODEL, "embed": {"level": "cell"}}),
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "embed",
+                "--plate",
+                "P1",
+                "--tiles-dir",
+                str(root / "tiles"),
+                "--cells-dir",
+                str(root / "cells"),
+                "--untrained",
+                "--config-json",
+                json.dumps({"model": MODEL, "embed": {"level": "cell"}}),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     table = pd.read_parquet(out)
     assert len(table) == 8 and "Metadata_Treatment" in table.columns
     crops = np.load(root / "cells" / "P1.npy")
@@ -228,8 +335,9 @@ def test_cell_level_embedding_is_the_site_median(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_embedding_matches_eager(plates):
-    model, _ = build_model("untrained", model_options={"backbone": "resnet10t", "transformer_ffn": 64},
-                           in_channels=5, seed=0)
+    model, _ = build_model(
+        "untrained", model_options={"backbone": "resnet10t", "transformer_ffn": 64}, in_channels=5, seed=0
+    )
     tiles = np.load(plates / "tiles" / "P1.npy")
     eager = embed_array(model, tiles, EmbedConfig(compile="false", batch_size=3))
     compiled = embed_array(model, tiles, EmbedConfig(compile="true", batch_size=3))  # 8 = 3 + 3 + padded 2
@@ -246,9 +354,23 @@ def test_killed_cli_job_resumes_to_the_same_weights(plates, tmp_path):
 
     train = {**TRAIN, "epochs_stage1": 3, "epochs_stage2": 3}
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "phenoprofiler_core.cli", "train", "--tiles-dir", str(plates / "tiles"),
-               "--plates", "P1", "P2", "--targets-dir", str(plates / "classic"),
-               "--config-json", json.dumps({"model": MODEL, "train": train}), "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "phenoprofiler_core.cli",
+        "train",
+        "--tiles-dir",
+        str(plates / "tiles"),
+        "--plates",
+        "P1",
+        "P2",
+        "--targets-dir",
+        str(plates / "classic"),
+        "--config-json",
+        json.dumps({"model": MODEL, "train": train}),
+        "--out",
+        str(out),
+    ]
     job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / "state" / "stage1_last.pt"
     deadline = time.monotonic() + 120
@@ -261,24 +383,62 @@ def test_killed_cli_job_resumes_to_the_same_weights(plates, tmp_path):
     assert subprocess.run(command, capture_output=True).returncode == 0
     reference = _train(plates, tmp_path / "clean", train=train)
     for stage in ("stage1", "stage2"):
-        assert _states_equal(torch.load(reference[stage], weights_only=False)["model_state"],
-                             torch.load(out / f"{stage}.pt", weights_only=False)["model_state"]), stage
+        assert _states_equal(
+            torch.load(reference[stage], weights_only=False)["model_state"],
+            torch.load(out / f"{stage}.pt", weights_only=False)["model_state"],
+        ), stage
 
 
 def test_cell_level_training_pairs_crops_with_their_site_target(tmp_path):
     root = make_plates(tmp_path / "cells", cells_per_site=2)
     out = tmp_path / "model"
     # level auto: crops exist for every plate, so the model trains on cells
-    config = json.dumps({"model": MODEL, "train": {**TRAIN, "level": "auto", "epochs_stage1": 1, "epochs_stage2": 1}})
-    assert cli.main(["train", "--tiles-dir", str(root / "tiles"), "--cells-dir", str(root / "cells"),
-                     "--plates", "P1", "P2",
-                     "--targets-dir", str(root / "classic"), "--config-json", config, "--out", str(out)]) == 0
+    config = json.dumps(
+        {"model": MODEL, "train": {**TRAIN, "level": "auto", "epochs_stage1": 1, "epochs_stage2": 1}}
+    )
+    assert (
+        cli.main(
+            [
+                "train",
+                "--tiles-dir",
+                str(root / "tiles"),
+                "--cells-dir",
+                str(root / "cells"),
+                "--plates",
+                "P1",
+                "P2",
+                "--targets-dir",
+                str(root / "classic"),
+                "--config-json",
+                config,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ckpt = torch.load(out / "stage2.pt", weights_only=False)
     assert ckpt["level"] == "cell" and ckpt["split"]["n_train"] == 16  # 8 sites × 2 cells on one plate
     # embed at the level the model was trained on (auto): cell crops, median per site
     features = tmp_path / "features.parquet"
-    assert cli.main(["embed", "--plate", "P1", "--tiles-dir", str(root / "tiles"), "--cells-dir", str(root / "cells"),
-                     "--checkpoint", str(out / "stage2.pt"), "--out", str(features)]) == 0
+    assert (
+        cli.main(
+            [
+                "embed",
+                "--plate",
+                "P1",
+                "--tiles-dir",
+                str(root / "tiles"),
+                "--cells-dir",
+                str(root / "cells"),
+                "--checkpoint",
+                str(out / "stage2.pt"),
+                "--out",
+                str(features),
+            ]
+        )
+        == 0
+    )
     assert len(pd.read_parquet(features)) == 8
 
 
@@ -299,5 +459,8 @@ def test_paper_learning_rate_milestones():
     assert seen[0] == seen[19] == pytest.approx(1e-3)
     assert seen[20] == seen[49] == pytest.approx(5e-4)
     assert seen[50] == pytest.approx(1e-4) and seen[100] == seen[119] == pytest.approx(5e-5)
-    plain = make_scheduler(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), TrainConfig.from_dict({"lr_step": 5}))
+    plain = make_scheduler(
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3),
+        TrainConfig.from_dict({"lr_step": 5}),
+    )
     assert isinstance(plain, torch.optim.lr_scheduler.StepLR)

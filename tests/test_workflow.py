@@ -21,7 +21,9 @@ def snakemake(repo_root, *args, check=True):
         [f"{BIN}/snakemake", "--cores", "2", *args], cwd=repo_root, env=env, capture_output=True, text=True
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 
@@ -67,7 +69,15 @@ def test_demo_report(demo, repo_root, tmp_path):
     assert "phenoprofiler_demo" in page and "untrained" in page and "classic" in page
     # the page is also carried by `snakemake --report`
     zipped = tmp_path / "report.zip"
-    snakemake(repo_root, "--configfile", "config/demo.yaml", "--config", f"results={demo.parent}", "--report", str(zipped))
+    snakemake(
+        repo_root,
+        "--configfile",
+        "config/demo.yaml",
+        "--config",
+        f"results={demo.parent}",
+        "--report",
+        str(zipped),
+    )
     with zipfile.ZipFile(zipped) as archive:
         assert any(name.endswith("/report.html") for name in archive.namelist())
 
@@ -98,7 +108,9 @@ def test_demo_evaluation_covers_every_set(demo):
 def test_config_typo_fails_before_any_job(repo_root, tmp_path):
     bad = tmp_path / "typo.yaml"
     bad.write_text((repo_root / "config" / "demo.yaml").read_text().replace("  size: 448", "  sise: 448"))
-    result = snakemake(repo_root, "-n", "--configfile", str(bad), "--config", f"results={tmp_path}", check=False)
+    result = snakemake(
+        repo_root, "-n", "--configfile", str(bad), "--config", f"results={tmp_path}", check=False
+    )
     assert result.returncode != 0
     assert "tiles.sise" in result.stderr + result.stdout
     assert not (tmp_path / "demo").exists()

@@ -34,7 +34,7 @@ def derive(source: Path, out: Path = HERE) -> None:
     lo, hi = CROP
     images = sorted((source / "images").glob("*/*.png"))
     if len(images) != 300:
-        raise SystemExit(f"expected 300 PNG under {source/'images'}, found {len(images)}")
+        raise SystemExit(f"expected 300 PNG under {source / 'images'}, found {len(images)}")
     for path in images:
         pixels = np.asarray(Image.open(path))
         target = out / "images" / path.parent.name / path.name

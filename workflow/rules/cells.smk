@@ -10,6 +10,16 @@ rule cells:
     output:
         crops=f"{RESULTS}/cells/{{plate}}.npy",
         table=f"{RESULTS}/cells/{{plate}}.cells.parquet",
+    log:
+        f"{RESULTS}/logs/cells/{{plate}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/cells/{{plate}}.tsv"
+    conda:
+        "../../envs/cells.yaml"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=120,
     params:
         illum=lambda wildcards, input: f"--illum {input.illum}" if input.illum else "",
         channels=" ".join(CHANNELS),
@@ -20,16 +30,6 @@ rule cells:
         # crops get the same robust per-plate-and-channel rescale as the site tiles
         percentiles=" ".join(str(p) for p in config["tiles"]["percentiles"]),
         seed=config["seed"],
-    log:
-        f"{RESULTS}/logs/cells/{{plate}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/cells/{{plate}}.tsv"
-    threads: 2
-    conda:
-        "../../envs/cells.yaml"
-    resources:
-        mem_mb=6000,
-        runtime=120,
     shell:
         "phenoprofiler cells {input.manifest} --plate {wildcards.plate} "
         "--out {output.crops} --table {output.table} {params.illum} --channels {params.channels} "

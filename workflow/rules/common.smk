@@ -19,7 +19,9 @@ def _merged(base, override):
     """``override`` on top of ``base``, recursively (how --config overrides a config file)."""
     out = dict(base)
     for key, value in override.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -199,7 +201,9 @@ def cells_arg(wildcards, input):
 
 def folder_of(name):
     """params function: the folder of input file ``name`` (the CLI takes folders + plate names)."""
-    return lambda wildcards, input: os.path.dirname(input[name][0] if isinstance(input[name], list) else input[name])
+    return lambda wildcards, input: os.path.dirname(
+        input[name][0] if isinstance(input[name], list) else input[name]
+    )
 
 
 # train.distributed.processes > 1: one process per GPU on one node via torchrun (torch DDP).

@@ -1,6 +1,7 @@
 # Per feature set: copairs activity / MoA-consistency mAP, FoE, both published MAP flavours and
 # Recall@k (DESIGN.md §6); then one summary table over all sets for the report.
 
+
 rule evaluate:
     input:
         selected=f"{RESULTS}/profiles/{{set}}/selected.parquet",
@@ -10,8 +11,18 @@ rule evaluate:
         activity=f"{RESULTS}/eval/{{set}}/map_activity.parquet",
         consistency=f"{RESULTS}/eval/{{set}}/map_consistency.parquet",
         retrieval=f"{RESULTS}/eval/{{set}}/foe_map_recall.parquet",
+    log:
+        f"{RESULTS}/logs/evaluate/{{set}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{{set}}.tsv"
     wildcard_constraints:
         set="[^/]+",
+    conda:
+        "../../envs/profiles.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
     params:
         profiles=lambda wildcards: f"{RESULTS}/profiles/{wildcards.set}",
         out=lambda wildcards: f"{RESULTS}/eval/{wildcards.set}",
@@ -23,16 +34,6 @@ rule evaluate:
         recall_percents=" ".join(str(k) for k in config["evaluate"]["recall_percents"]),
         same_plate="--same-plate-negcon" if config["evaluate"]["same_plate_negcon"] else "",
         consensus=config["profiles"]["consensus"],
-    log:
-        f"{RESULTS}/logs/evaluate/{{set}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/evaluate/{{set}}.tsv"
-    threads: 1
-    conda:
-        "../../envs/profiles.yaml"
-    resources:
-        mem_mb=8000,
-        runtime=60,
     shell:
         "phenoprofiler evaluate --profiles {params.profiles} --out {params.out} {params.same_wells} "
         "--null-size {params.null_size} --threshold {params.threshold} --seed {params.seed} "
@@ -45,20 +46,20 @@ rule evaluate_summary:
         expand(f"{RESULTS}/eval/{{s}}/{{table}}.parquet", s=FEATURE_SETS, table=EVAL_TABLES),
     output:
         f"{RESULTS}/eval/summary.parquet",
-    params:
-        # one folder per set, derived from the inputs (eval/<set>/<table>.parquet)
-        eval_dirs=lambda wildcards, input: " ".join(sorted({os.path.dirname(p) for p in input})),
-        threshold=config["evaluate"]["threshold"],
     log:
         f"{RESULTS}/logs/evaluate/summary.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate/summary.tsv"
-    threads: 1
     conda:
         "../../envs/profiles.yaml"
+    threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        # one folder per set, derived from the inputs (eval/<set>/<table>.parquet)
+        eval_dirs=lambda wildcards, input: " ".join(sorted({os.path.dirname(p) for p in input})),
+        threshold=config["evaluate"]["threshold"],
     shell:
         "phenoprofiler evaluate --summary {params.eval_dirs} --out {output} "
         "--threshold {params.threshold} > {log} 2>&1"

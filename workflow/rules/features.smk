@@ -9,6 +9,16 @@ rule classic:
         illum=illum_input,
     output:
         f"{RESULTS}/features/classic/{{plate}}.parquet",
+    log:
+        f"{RESULTS}/logs/classic/{{plate}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/classic/{{plate}}.tsv"
+    conda:
+        "../../envs/cells.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=240,
     params:
         illum=lambda wildcards, input: f"--illum {input.illum}" if input.illum else "",
         channels=" ".join(CHANNELS),
@@ -21,16 +31,6 @@ rule classic:
         max_expansion=config["classic"]["max_expansion"],
         texture_levels=config["classic"]["texture_levels"],
         texture_distance=config["classic"]["texture_distance"],
-    log:
-        f"{RESULTS}/logs/classic/{{plate}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/classic/{{plate}}.tsv"
-    threads: 2
-    conda:
-        "../../envs/cells.yaml"
-    resources:
-        mem_mb=4000,
-        runtime=240,
     shell:
         "phenoprofiler classic {input.manifest} --plate {wildcards.plate} --out {output} "
         "{params.illum} --channels {params.channels} {params.nuclei} "

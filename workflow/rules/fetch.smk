@@ -12,6 +12,16 @@ FETCH_LISTING = [f"{RESULTS}/fetch/files.tsv"] if config["fetch"]["activate"] el
 rule fetch:
     output:
         f"{RESULTS}/fetch/files.tsv",
+    log:
+        f"{RESULTS}/logs/fetch.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/fetch/fetch.tsv"
+    conda:
+        "../../envs/images.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=720,
     params:
         configfile=lambda wildcards: write_config_snapshot(),
         # the sections the download depends on: a change here refetches (already complete files are skipped)
@@ -20,15 +30,5 @@ rule fetch:
             "root": config["images"]["root"],
             "plates": config["images"]["plates"],
         },
-    log:
-        f"{RESULTS}/logs/fetch.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/fetch/fetch.tsv"
-    threads: 1
-    conda:
-        "../../envs/images.yaml"
-    resources:
-        mem_mb=2000,
-        runtime=720,
     shell:
         "phenoprofiler fetch --configfile {params.configfile} --out {output} > {log} 2>&1"

@@ -6,20 +6,20 @@ rule manifest:
         fetched=FETCH_LISTING,
     output:
         f"{RESULTS}/manifest.parquet",
-    params:
-        configfile=lambda wildcards: write_config_snapshot(),
-        # the sections the manifest depends on: a change here reruns it (and only then)
-        sections=lambda wildcards: {k: config[k] for k in ("channels", "images", "metadata")},
     log:
         f"{RESULTS}/logs/manifest.log",
     benchmark:
         f"{RESULTS}/benchmarks/manifest/manifest.tsv"
-    threads: 1
     conda:
         "../../envs/images.yaml"
+    threads: 1
     resources:
         mem_mb=2000,
         runtime=20,
+    params:
+        configfile=lambda wildcards: write_config_snapshot(),
+        # the sections the manifest depends on: a change here reruns it (and only then)
+        sections=lambda wildcards: {k: config[k] for k in ("channels", "images", "metadata")},
     shell:
         "phenoprofiler manifest --configfile {params.configfile} --out {output} > {log} 2>&1"
 
@@ -29,20 +29,20 @@ rule illumination:
         manifest=f"{RESULTS}/manifest.parquet",
     output:
         directory(f"{RESULTS}/illum/{{plate}}"),
-    params:
-        downsample=config["illumination"]["downsample"],
-        median_size=config["illumination"]["median_size"],
-        robust_quantile=config["illumination"]["robust_quantile"],
     log:
         f"{RESULTS}/logs/illumination/{{plate}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/illumination/{{plate}}.tsv"
-    threads: 1
     conda:
         "../../envs/images.yaml"
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
+    params:
+        downsample=config["illumination"]["downsample"],
+        median_size=config["illumination"]["median_size"],
+        robust_quantile=config["illumination"]["robust_quantile"],
     shell:
         "phenoprofiler illumination {input.manifest} --plate {wildcards.plate} --out {output} "
         "--downsample {params.downsample} --median-size {params.median_size} "
@@ -57,22 +57,22 @@ rule tiles:
         tiles=f"{RESULTS}/tiles/{{plate}}.npy",
         sites=f"{RESULTS}/tiles/{{plate}}.sites.parquet",
         rescale=f"{RESULTS}/tiles/{{plate}}.rescale.json",
+    log:
+        f"{RESULTS}/logs/tiles/{{plate}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/tiles/{{plate}}.tsv"
+    conda:
+        "../../envs/images.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
     params:
         illum=lambda wildcards, input: f"--illum {input.illum}" if input.illum else "",
         size=config["tiles"]["size"],
         dtype=config["tiles"]["dtype"],
         percentiles=" ".join(str(p) for p in config["tiles"]["percentiles"]),
         batch_size=config["tiles"]["batch_size"],
-    log:
-        f"{RESULTS}/logs/tiles/{{plate}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/tiles/{{plate}}.tsv"
-    threads: 1
-    conda:
-        "../../envs/images.yaml"
-    resources:
-        mem_mb=4000,
-        runtime=120,
     shell:
         "phenoprofiler tiles {input.manifest} --plate {wildcards.plate} --out {output.tiles} "
         "{params.illum} --size {params.size} --dtype {params.dtype} "

@@ -10,8 +10,18 @@ rule profiles:
         normalized=f"{RESULTS}/profiles/{{set}}/normalized.parquet",
         selected=f"{RESULTS}/profiles/{{set}}/selected.parquet",
         consensus=f"{RESULTS}/profiles/{{set}}/consensus.parquet",
+    log:
+        f"{RESULTS}/logs/profiles/{{set}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/profiles/{{set}}.tsv"
     wildcard_constraints:
         set="[^/]+",
+    conda:
+        "../../envs/profiles.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
     params:
         out=lambda wildcards: f"{RESULTS}/profiles/{wildcards.set}",
         alpha=profiles_correction_alpha,
@@ -27,16 +37,6 @@ rule profiles:
         unique_cut=config["profiles"]["unique_cut"],
         outlier_cutoff=config["profiles"]["outlier_cutoff"],
         consensus=config["profiles"]["consensus"],
-    log:
-        f"{RESULTS}/logs/profiles/{{set}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/profiles/{{set}}.tsv"
-    threads: 1
-    conda:
-        "../../envs/profiles.yaml"
-    resources:
-        mem_mb=8000,
-        runtime=60,
     shell:
         "phenoprofiler profiles --features {input.features} --out {params.out} "
         "--correction-alpha {params.alpha} --aggregate {params.aggregate} --normalize {params.normalize} "

@@ -15,6 +15,17 @@ rule report:
             caption="../report/benchmark_report.rst",
             category="Benchmark report",
         ),
+    log:
+        f"{RESULTS}/logs/report/report.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/report.tsv"
+    conda:
+        "../../envs/report.yaml"
+    # UMAP with a fixed random_state runs single-threaded (reproducible), so one core is enough.
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         results_dir=lambda wildcards, output: os.path.dirname(output[0]),
         sets=FEATURE_SETS,
@@ -25,17 +36,6 @@ rule report:
         example_treatments=config["report"]["example_treatments"],
         table_rows=config["report"]["table_rows"],
         seed=config["seed"],
-    log:
-        f"{RESULTS}/logs/report/report.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/report/report.tsv"
-    # UMAP with a fixed random_state runs single-threaded (reproducible), so one core is enough.
-    threads: 1
-    conda:
-        "../../envs/report.yaml"
-    resources:
-        mem_mb=4000,
-        runtime=30,
     shell:
         "phenoprofiler report --results-dir {params.results_dir} --sets {params.sets:q} "
         "--title {params.title:q} --out {output} "
