@@ -487,10 +487,11 @@ def add_nuclei_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def nuclei_cli_args(section: dict) -> str:
-    """The ``add_nuclei_arguments`` options for a config ``cells`` section, shell-quoted (used by the rules)."""
-    import shlex
+def nuclei_cli_args(section: dict) -> list[str]:
+    """The ``add_nuclei_arguments`` options for a config ``cells`` section, as a list of arguments.
 
+    The rules pass it through Snakemake's ``:q``, which shell-quotes every element.
+    """
     args = [
         "--nuclei",
         section["nuclei"],
@@ -509,7 +510,7 @@ def nuclei_cli_args(section: dict) -> str:
     ]
     if section.get("locations_root"):
         args += ["--locations-root", section["locations_root"]]
-    return " ".join(shlex.quote(str(a)) for a in args)
+    return [str(a) for a in args]
 
 
 def nuclei_options(args: argparse.Namespace) -> NucleiOptions:

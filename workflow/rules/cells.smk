@@ -21,17 +21,17 @@ rule cells:
         mem_mb=6000,
         runtime=120,
     params:
-        illum=lambda wildcards, input: f"--illum {input.illum}" if input.illum else "",
-        channels=" ".join(CHANNELS),
+        illum=illum_arg,
+        channels=CHANNELS,
         # a function, so the {plate}/{well}/{site} of locations_pattern are not taken for wildcards
         nuclei=lambda wildcards: nuclei_cli_args(config["cells"]),
         box_size=config["cells"]["box_size"],
         crop_size=config["cells"]["crop_size"],
         # crops get the same robust per-plate-and-channel rescale as the site tiles
-        percentiles=" ".join(str(p) for p in config["tiles"]["percentiles"]),
+        percentiles=config["tiles"]["percentiles"],
         seed=config["seed"],
     shell:
-        "phenoprofiler cells {input.manifest} --plate {wildcards.plate} "
-        "--out {output.crops} --table {output.table} {params.illum} --channels {params.channels} "
-        "{params.nuclei} --box-size {params.box_size} --crop-size {params.crop_size} "
-        "--percentiles {params.percentiles} --seed {params.seed} --workers {threads} > {log} 2>&1"
+        "phenoprofiler cells {input.manifest:q} --plate {wildcards.plate:q} "
+        "--out {output.crops:q} --table {output.table:q} {params.illum:q} --channels {params.channels:q} "
+        "{params.nuclei:q} --box-size {params.box_size:q} --crop-size {params.crop_size:q} "
+        "--percentiles {params.percentiles:q} --seed {params.seed:q} --workers {threads:q} > {log:q} 2>&1"

@@ -2,6 +2,7 @@
 # defaults) before any job is planned, so a typo fails at once naming the key.
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -77,6 +78,11 @@ def illum_input(wildcards):
     return []
 
 
+def illum_arg(wildcards, input):
+    """--illum FOLDER when correction is on, as a list for ``:q`` (empty: no argument at all)."""
+    return ["--illum", input.illum] if input.illum else []
+
+
 def write_config_snapshot():
     """Write the validated config to RESULTS/config.yaml (only when it changed) and return its path.
 
@@ -123,9 +129,10 @@ def evaluate_same_wells_input(wildcards):
 
 
 def evaluate_same_wells_arg(wildcards):
+    """CLI arguments as a list (each element is shell-quoted by the rule's ``:q``)."""
     if config["evaluate"]["same_wells"]:
-        return "--same-wells-as " + " ".join(f"{RESULTS}/profiles/{s}" for s in FEATURE_SETS)
-    return ""
+        return ["--same-wells-as"] + [f"{RESULTS}/profiles/{s}" for s in FEATURE_SETS]
+    return []
 
 
 def report_inputs(wildcards):
@@ -178,25 +185,60 @@ def embed_level(kind):
     return level
 
 
-def embed_images(kind):
-    """Tiles always (their sites table carries the site metadata); crops at cell level."""
+def embed_sets():
+    """Feature sets made by the one ``embed`` rule, as name -> kind (trained|untrained|published) and weights.
 
-    def files(wildcards):
-        found = {
-            "tiles": f"{RESULTS}/tiles/{wildcards.plate}.npy",
-            "sites": f"{RESULTS}/tiles/{wildcards.plate}.sites.parquet",
-        }
-        if embed_level(kind) == "cell":
-            found["cells"] = f"{RESULTS}/cells/{wildcards.plate}.npy"
-            found["cells_table"] = f"{RESULTS}/cells/{wildcards.plate}.cells.parquet"
-        return found
+    A new embedded set is an entry here (from the config), not a new rule.
+    """
+    sets = {MODEL_NAME: {"kind": "trained", "weights": f"{RESULTS}/model/{MODEL_NAME}/stage2.pt"}}
+    if config["embed"]["untrained"]:
+        sets["untrained"] = {"kind": "untrained", "weights": None}
+    if config["embed"]["published_weights"]:
+        sets["published"] = {"kind": "published", "weights": config["embed"]["published_weights"]}
+    return sets
 
-    return files
+
+EMBED_SETS = embed_sets()
+# the embed rule's {set} wildcard matches exactly these names (never 'classic', made by its own rule)
+EMBED_SET_PATTERN = "|".join(re.escape(name) for name in EMBED_SETS)
+
+
+def embed_inputs(wildcards):
+    """Tiles always (their sites table carries the site metadata); crops at cell level; the weights."""
+    entry = EMBED_SETS[wildcards.set]
+    found = {
+        "tiles": f"{RESULTS}/tiles/{wildcards.plate}.npy",
+        "sites": f"{RESULTS}/tiles/{wildcards.plate}.sites.parquet",
+    }
+    if embed_level(entry["kind"]) == "cell":
+        found["cells"] = f"{RESULTS}/cells/{wildcards.plate}.npy"
+        found["cells_table"] = f"{RESULTS}/cells/{wildcards.plate}.cells.parquet"
+    if entry["weights"]:
+        found["weights"] = entry["weights"]
+    return found
+
+
+def embed_model_args(wildcards, input):
+    """How `phenoprofiler embed` gets the set's model, as a list for ``:q``."""
+    kind = EMBED_SETS[wildcards.set]["kind"]
+    if kind == "trained":
+        return ["--checkpoint", input.weights]
+    if kind == "published":
+        return ["--published", input.weights]
+    return ["--untrained"]
+
+
+def embed_config(wildcards):
+    """Config sections the set's embedding depends on (JSON): the published model is always the
+    paper's architecture, so only its embed section applies."""
+    if EMBED_SETS[wildcards.set]["kind"] == "published":
+        return _sections("embed", "seed")
+    return _sections("model", "embed", "seed")
 
 
 def cells_arg(wildcards, input):
-    """--cells-dir when the rule's inputs include crops (cell-level embedding)."""
-    return f"--cells-dir {os.path.dirname(input.cells)}" if "cells" in input.keys() else ""
+    """--cells-dir when the rule's inputs include crops (cell-level embedding), as a list for ``:q``."""
+    return ["--cells-dir", os.path.dirname(input.cells)] if "cells" in input.keys() else []
 
 
 def folder_of(name):
@@ -213,5 +255,12 @@ TRAIN_PROCESSES = config["train"]["distributed"]["processes"]
 def train_launcher():
     """The command that runs `phenoprofiler train`: directly, or under torchrun for N processes."""
     if TRAIN_PROCESSES == 1:
-        return "phenoprofiler"
-    return f"torchrun --standalone --nproc_per_node {TRAIN_PROCESSES} -m phenoprofiler_core.cli"
+        return ["phenoprofiler"]
+    return [
+        "torchrun",
+        "--standalone",
+        "--nproc_per_node",
+        str(TRAIN_PROCESSES),
+        "-m",
+        "phenoprofiler_core.cli",
+    ]

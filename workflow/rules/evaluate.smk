@@ -31,14 +31,14 @@ rule evaluate:
         threshold=config["evaluate"]["threshold"],
         seed=config["seed"],
         foe_percentile=config["evaluate"]["foe_percentile"],
-        recall_percents=" ".join(str(k) for k in config["evaluate"]["recall_percents"]),
+        recall_percents=config["evaluate"]["recall_percents"],
         same_plate="--same-plate-negcon" if config["evaluate"]["same_plate_negcon"] else "",
         consensus=config["profiles"]["consensus"],
     shell:
-        "phenoprofiler evaluate --profiles {params.profiles} --out {params.out} {params.same_wells} "
-        "--null-size {params.null_size} --threshold {params.threshold} --seed {params.seed} "
-        "--foe-percentile {params.foe_percentile} --recall-percents {params.recall_percents} "
-        "{params.same_plate} --consensus {params.consensus} > {log} 2>&1"
+        "phenoprofiler evaluate --profiles {params.profiles:q} --out {params.out:q} {params.same_wells:q} "
+        "--null-size {params.null_size:q} --threshold {params.threshold:q} --seed {params.seed:q} "
+        "--foe-percentile {params.foe_percentile:q} --recall-percents {params.recall_percents:q} "
+        "{params.same_plate:q} --consensus {params.consensus:q} > {log:q} 2>&1"
 
 
 rule evaluate_summary:
@@ -58,8 +58,8 @@ rule evaluate_summary:
         runtime=10,
     params:
         # one folder per set, derived from the inputs (eval/<set>/<table>.parquet)
-        eval_dirs=lambda wildcards, input: " ".join(sorted({os.path.dirname(p) for p in input})),
+        eval_dirs=lambda wildcards, input: sorted({os.path.dirname(p) for p in input}),
         threshold=config["evaluate"]["threshold"],
     shell:
-        "phenoprofiler evaluate --summary {params.eval_dirs} --out {output} "
-        "--threshold {params.threshold} > {log} 2>&1"
+        "phenoprofiler evaluate --summary {params.eval_dirs:q} --out {output:q} "
+        "--threshold {params.threshold:q} > {log:q} 2>&1"

@@ -20,21 +20,21 @@ rule classic:
         mem_mb=4000,
         runtime=240,
     params:
-        illum=lambda wildcards, input: f"--illum {input.illum}" if input.illum else "",
-        channels=" ".join(CHANNELS),
+        illum=illum_arg,
+        channels=CHANNELS,
         # a function, so the {plate}/{well}/{site} of locations_pattern are not taken for wildcards
         nuclei=lambda wildcards: nuclei_cli_args(config["cells"]),
-        # '' tells the CLI to grow cells into the mean of the non-nucleus channels
-        cell_channel=config["classic"]["cell_channel"] or "''",
+        # one argument; an empty value tells the CLI to grow cells into the mean of the non-nucleus channels
+        cell_channel=f"--cell-channel={config['classic']['cell_channel'] or ''}",
         cell_sigma=config["classic"]["cell_sigma"],
         cell_threshold_factor=config["classic"]["cell_threshold_factor"],
         max_expansion=config["classic"]["max_expansion"],
         texture_levels=config["classic"]["texture_levels"],
         texture_distance=config["classic"]["texture_distance"],
     shell:
-        "phenoprofiler classic {input.manifest} --plate {wildcards.plate} --out {output} "
-        "{params.illum} --channels {params.channels} {params.nuclei} "
-        "--cell-channel {params.cell_channel} --cell-sigma {params.cell_sigma} "
-        "--cell-threshold-factor {params.cell_threshold_factor} --max-expansion {params.max_expansion} "
-        "--texture-levels {params.texture_levels} --texture-distance {params.texture_distance} "
-        "--workers {threads} > {log} 2>&1"
+        "phenoprofiler classic {input.manifest:q} --plate {wildcards.plate:q} --out {output:q} "
+        "{params.illum:q} --channels {params.channels:q} {params.nuclei:q} "
+        "{params.cell_channel:q} --cell-sigma {params.cell_sigma:q} "
+        "--cell-threshold-factor {params.cell_threshold_factor:q} --max-expansion {params.max_expansion:q} "
+        "--texture-levels {params.texture_levels:q} --texture-distance {params.texture_distance:q} "
+        "--workers {threads:q} > {log:q} 2>&1"

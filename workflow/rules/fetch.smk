@@ -31,4 +31,4 @@ rule fetch:
             "plates": config["images"]["plates"],
         },
     shell:
-        "phenoprofiler fetch --configfile {params.configfile} --out {output} > {log} 2>&1"
+        "phenoprofiler fetch --configfile {params.configfile:q} --out {output:q} > {log:q} 2>&1"

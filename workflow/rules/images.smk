@@ -21,7 +21,7 @@ rule manifest:
         # the sections the manifest depends on: a change here reruns it (and only then)
         sections=lambda wildcards: {k: config[k] for k in ("channels", "images", "metadata")},
     shell:
-        "phenoprofiler manifest --configfile {params.configfile} --out {output} > {log} 2>&1"
+        "phenoprofiler manifest --configfile {params.configfile:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule illumination:
@@ -44,9 +44,9 @@ rule illumination:
         median_size=config["illumination"]["median_size"],
         robust_quantile=config["illumination"]["robust_quantile"],
     shell:
-        "phenoprofiler illumination {input.manifest} --plate {wildcards.plate} --out {output} "
-        "--downsample {params.downsample} --median-size {params.median_size} "
-        "--robust-quantile {params.robust_quantile} > {log} 2>&1"
+        "phenoprofiler illumination {input.manifest:q} --plate {wildcards.plate:q} --out {output:q} "
+        "--downsample {params.downsample:q} --median-size {params.median_size:q} "
+        "--robust-quantile {params.robust_quantile:q} > {log:q} 2>&1"
 
 
 rule tiles:
@@ -68,12 +68,12 @@ rule tiles:
         mem_mb=4000,
         runtime=120,
     params:
-        illum=lambda wildcards, input: f"--illum {input.illum}" if input.illum else "",
+        illum=illum_arg,
         size=config["tiles"]["size"],
         dtype=config["tiles"]["dtype"],
-        percentiles=" ".join(str(p) for p in config["tiles"]["percentiles"]),
+        percentiles=config["tiles"]["percentiles"],
         batch_size=config["tiles"]["batch_size"],
     shell:
-        "phenoprofiler tiles {input.manifest} --plate {wildcards.plate} --out {output.tiles} "
-        "{params.illum} --size {params.size} --dtype {params.dtype} "
-        "--percentiles {params.percentiles} --batch-size {params.batch_size} > {log} 2>&1"
+        "phenoprofiler tiles {input.manifest:q} --plate {wildcards.plate:q} --out {output.tiles:q} "
+        "{params.illum:q} --size {params.size:q} --dtype {params.dtype:q} "
+        "--percentiles {params.percentiles:q} --batch-size {params.batch_size:q} > {log:q} 2>&1"

@@ -25,29 +25,32 @@ rule train:
         gpu=TRAIN_PROCESSES,
     params:
         config=_sections("model", "train", "seed"),
-        images_arg=lambda wildcards, input: f"--{TRAIN_IMAGES}-dir {os.path.dirname(input.images[0])}",
+        images_arg=lambda wildcards, input: [f"--{TRAIN_IMAGES}-dir", os.path.dirname(input.images[0])],
         targets_dir=lambda wildcards, input: os.path.dirname(input.targets[0]),
-        plates=" ".join(PLATES),
+        plates=PLATES,
         out=lambda wildcards, output: os.path.dirname(output.stage1),
         launcher=train_launcher(),
     shell:
         # model/<name>/state/ (per-epoch state) is not an output: a killed job resumes from it.
         # train.distributed.processes > 1: launcher = torchrun, one process per GPU (DDP).
-        "{params.launcher} train {params.images_arg} --plates {params.plates} "
-        "--targets-dir {params.targets_dir} --config-json {params.config:q} "
-        "--threads {threads} --out {params.out} > {log} 2>&1"
+        "{params.launcher:q} train {params.images_arg:q} --plates {params.plates:q} "
+        "--targets-dir {params.targets_dir:q} --config-json {params.config:q} "
+        "--threads {threads:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule embed:
+    # One rule for every embedded feature set (EMBED_SETS in common.smk): the trained model, the
+    # untrained baseline, the published weights.  A new set is a config entry, not a new rule.
     input:
-        unpack(embed_images("trained")),
-        checkpoint=f"{RESULTS}/model/{MODEL_NAME}/stage2.pt",
+        unpack(embed_inputs),
     output:
-        f"{RESULTS}/features/{MODEL_NAME}/{{plate}}.parquet",
+        f"{RESULTS}/features/{{set}}/{{plate}}.parquet",
     log:
-        f"{RESULTS}/logs/embed/{MODEL_NAME}/{{plate}}.log",
+        f"{RESULTS}/logs/embed/{{set}}/{{plate}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/embed/{MODEL_NAME}/{{plate}}.tsv"
+        f"{RESULTS}/benchmarks/embed/{{set}}/{{plate}}.tsv"
+    wildcard_constraints:
+        set=EMBED_SET_PATTERN,
     conda:
         "../../envs/model.yaml"
     threads: 4
@@ -56,63 +59,11 @@ rule embed:
         runtime=120,
         gpu=1,
     params:
-        config=_sections("model", "embed", "seed"),
+        model=embed_model_args,
+        config=embed_config,
         tiles_dir=folder_of("tiles"),
         cells_arg=cells_arg,
     shell:
-        "phenoprofiler embed --plate {wildcards.plate} --tiles-dir {params.tiles_dir} {params.cells_arg} "
-        "--checkpoint {input.checkpoint} --config-json {params.config:q} --threads {threads} "
-        "--out {output} > {log} 2>&1"
-
-
-rule embed_untrained:
-    input:
-        unpack(embed_images("untrained")),
-    output:
-        f"{RESULTS}/features/untrained/{{plate}}.parquet",
-    log:
-        f"{RESULTS}/logs/embed/untrained/{{plate}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/embed/untrained/{{plate}}.tsv"
-    conda:
-        "../../envs/model.yaml"
-    threads: 4
-    resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=1,
-    params:
-        config=_sections("model", "embed", "seed"),
-        tiles_dir=folder_of("tiles"),
-        cells_arg=cells_arg,
-    shell:
-        "phenoprofiler embed --plate {wildcards.plate} --tiles-dir {params.tiles_dir} {params.cells_arg} --untrained "
-        "--config-json {params.config:q} --threads {threads} --out {output} > {log} 2>&1"
-
-
-rule embed_published:
-    input:
-        unpack(embed_images("published")),
-        weights=config["embed"]["published_weights"] or [],
-    output:
-        f"{RESULTS}/features/published/{{plate}}.parquet",
-    log:
-        f"{RESULTS}/logs/embed/published/{{plate}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/embed/published/{{plate}}.tsv"
-    conda:
-        "../../envs/model.yaml"
-    threads: 4
-    resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=1,
-    params:
-        # the published model is always the paper's architecture: only the embed section applies
-        config=_sections("embed", "seed"),
-        tiles_dir=folder_of("tiles"),
-        cells_arg=cells_arg,
-    shell:
-        "phenoprofiler embed --plate {wildcards.plate} --tiles-dir {params.tiles_dir} {params.cells_arg} "
-        "--published {input.weights} --config-json {params.config:q} --threads {threads} "
-        "--out {output} > {log} 2>&1"
+        "phenoprofiler embed --plate {wildcards.plate:q} --tiles-dir {params.tiles_dir:q} {params.cells_arg:q} "
+        "{params.model:q} --config-json {params.config:q} --threads {threads:q} "
+        "--out {output:q} > {log:q} 2>&1"

@@ -30,7 +30,7 @@ rule profiles:
         mad_epsilon=config["profiles"]["mad_epsilon"],
         spherize_method=config["profiles"]["spherize_method"],
         spherize_epsilon=config["profiles"]["spherize_epsilon"],
-        feature_select=" ".join(config["profiles"]["feature_select"]),
+        feature_select=config["profiles"]["feature_select"],
         na_cutoff=config["profiles"]["na_cutoff"],
         corr_threshold=config["profiles"]["corr_threshold"],
         freq_cut=config["profiles"]["freq_cut"],
@@ -38,10 +38,10 @@ rule profiles:
         outlier_cutoff=config["profiles"]["outlier_cutoff"],
         consensus=config["profiles"]["consensus"],
     shell:
-        "phenoprofiler profiles --features {input.features} --out {params.out} "
-        "--correction-alpha {params.alpha} --aggregate {params.aggregate} --normalize {params.normalize} "
-        "--mad-epsilon {params.mad_epsilon} --spherize-method {params.spherize_method} "
-        "--spherize-epsilon {params.spherize_epsilon} --feature-select {params.feature_select} "
-        "--na-cutoff {params.na_cutoff} --corr-threshold {params.corr_threshold} --freq-cut {params.freq_cut} "
-        "--unique-cut {params.unique_cut} --outlier-cutoff {params.outlier_cutoff} "
-        "--consensus {params.consensus} > {log} 2>&1"
+        "phenoprofiler profiles --features {input.features:q} --out {params.out:q} "
+        "--correction-alpha {params.alpha:q} --aggregate {params.aggregate:q} --normalize {params.normalize:q} "
+        "--mad-epsilon {params.mad_epsilon:q} --spherize-method {params.spherize_method:q} "
+        "--spherize-epsilon {params.spherize_epsilon:q} --feature-select {params.feature_select:q} "
+        "--na-cutoff {params.na_cutoff:q} --corr-threshold {params.corr_threshold:q} --freq-cut {params.freq_cut:q} "
+        "--unique-cut {params.unique_cut:q} --outlier-cutoff {params.outlier_cutoff:q} "
+        "--consensus {params.consensus:q} > {log:q} 2>&1"

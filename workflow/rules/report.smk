@@ -37,8 +37,8 @@ rule report:
         table_rows=config["report"]["table_rows"],
         seed=config["seed"],
     shell:
-        "phenoprofiler report --results-dir {params.results_dir} --sets {params.sets:q} "
-        "--title {params.title:q} --out {output} "
-        "--umap-neighbors {params.umap_neighbors} --umap-min-dist {params.umap_min_dist} "
-        "--umap-min-wells {params.umap_min_wells} --example-treatments {params.example_treatments} "
-        "--table-rows {params.table_rows} --seed {params.seed} > {log} 2>&1"
+        "phenoprofiler report --results-dir {params.results_dir:q} --sets {params.sets:q} "
+        "--title {params.title:q} --out {output:q} "
+        "--umap-neighbors {params.umap_neighbors:q} --umap-min-dist {params.umap_min_dist:q} "
+        "--umap-min-wells {params.umap_min_wells:q} --example-treatments {params.example_treatments:q} "
+        "--table-rows {params.table_rows:q} --seed {params.seed:q} > {log:q} 2>&1"
