@@ -13,6 +13,10 @@ dataset config's ``images.layout`` reads it as is.
 * **Local copy**: ``local_root`` is a folder that mirrors the bucket (``<local_root>/<key>``), e.g. an
   institutional copy made with ``aws s3 sync``; files are then linked/copied from it, no network used.
 * ``endpoint_url`` points at another S3-compatible server (a mirror, or the tests' local moto server).
+* **Contained**: keys come from a listing a user does not control (any bucket can be a source), so every
+  relative path is checked before anything is written: an absolute path, a ``..`` segment, or a path that
+  resolves outside the destination folder is refused with an error naming the key; in local mode a file
+  whose real location is outside the local source folder (a symlink pointing out of it) is refused too.
 
 The fetch result is a listing (TSV: ``key, path, size, action``) written atomically last: its presence
 means every file of the selection is complete on disk.
@@ -24,6 +28,7 @@ import argparse
 import fnmatch
 import logging
 import os
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -156,6 +161,34 @@ def list_local(folder: Path) -> list[tuple[str, int]]:
     ]
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """True when ``path`` (symlinks resolved) is ``folder`` or below it (symlinks resolved)."""
+    return Path(os.path.realpath(path)).is_relative_to(Path(os.path.realpath(folder)))
+
+
+def contained_target(rel: str, dest: Path, *, origin: str) -> Path:
+    """``dest / rel`` after checking that ``rel`` cannot leave ``dest``; DataError naming the object.
+
+    ``rel`` comes from a bucket listing or a folder walk.  Refused: absolute paths (``/x``, ``C:\\x``), any
+    ``..`` segment, backslashes (a Windows separator that would hide ``..``), NUL bytes, and anything whose
+    resolved path (through symlinked folders already in ``dest``) is not below ``dest``.
+    """
+    why = None
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or re.match(r"[A-Za-z]:[\\/]", rel):
+        why = "is absolute or empty"
+    elif "\\" in rel or "\x00" in rel:
+        why = "contains a backslash or NUL byte"
+    elif ".." in parts:
+        why = "contains a '..' segment"
+    elif not _inside((dest / rel).parent, dest):
+        # the folder it lands in is checked, not the file: a file may be our own link into local_root
+        why = f"resolves outside {dest}"
+    if why:
+        raise DataError(f"fetch: refusing {origin} {rel!r}: its path {why}; nothing was written for it")
+    return dest / rel
+
+
 def _complete(path: Path, size: int) -> bool:
     try:
         return path.stat().st_size == size
@@ -214,6 +247,15 @@ def fetch(
         )
         objects = [(key[len(src.prefix) :], size) for key, size in list_remote(client, src)]
     chosen = [(rel, size) for rel, size in objects if selected(rel, include, exclude)]
+    # every path is checked before the first byte is written: a hostile key stops the whole fetch
+    origin_kind = "file" if local_folder is not None else "object key"
+    for rel, _size in chosen:
+        contained_target(rel, dest, origin=f"{origin_kind} under {local_folder or src}")
+        if local_folder is not None and not _inside(local_folder / rel, local_folder):
+            raise DataError(
+                f"fetch: refusing {local_folder / rel}: it is a link to {os.path.realpath(local_folder / rel)}, "
+                f"outside the local source folder {local_folder}"
+            )
     if not chosen:
         raise DataError(
             f"fetch: nothing under {local_folder or src} matches include={include} exclude={exclude} "
@@ -228,7 +270,7 @@ def fetch(
     )
 
     def one(rel: str, size: int) -> tuple[str, str, int, str]:
-        target = dest / rel
+        target = contained_target(rel, dest, origin=origin_kind)  # checked again: folders may have changed
         if local_folder is not None:
             origin = local_folder / rel
             if link != "copy" and target.is_symlink() and target.resolve() == origin.resolve():

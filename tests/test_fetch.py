@@ -282,3 +282,96 @@ def test_workflow_fetches_then_builds_manifest_and_tiles(repo_root, tmp_path, s3
     import numpy as np
 
     assert np.load(results / "tiles" / f"{PLATES[0]}.npy").shape == (1, 5, 448, 448)
+
+
+# ----------------------------------------------------------------------------- hostile keys (issue 12)
+
+HOSTILE_BUCKET = "hostile-bucket"
+
+
+def _hostile_bucket(endpoint: str, keys: list[str]) -> None:
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    try:
+        client.create_bucket(Bucket=HOSTILE_BUCKET, ACL="public-read")
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    for obj in client.list_objects_v2(Bucket=HOSTILE_BUCKET).get("Contents", []):
+        client.delete_object(Bucket=HOSTILE_BUCKET, Key=obj["Key"])
+    for key in keys:
+        client.put_object(Bucket=HOSTILE_BUCKET, Key=key, Body=b"payload", ACL="public-read")
+    listed = {o["Key"] for o in client.list_objects_v2(Bucket=HOSTILE_BUCKET).get("Contents", [])}
+    assert listed == set(keys), "the S3 server changed the keys: the test would not test anything"
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        ("data/P1/../../../escaped.png", "'..' segment"),
+        ("data/../escaped.png", "'..' segment"),
+        ("data//etc/escaped.png", "absolute"),
+        ("data/P1/..", "'..' segment"),
+        ("data/P1\\..\\..\\escaped.png", "backslash"),
+    ],
+)
+def test_fetch_refuses_keys_that_leave_the_destination(tmp_path, s3, key, why):
+    # a harmless object first: the refusal must come before *any* file is written
+    _hostile_bucket(s3, ["data/P1/a.png", key])
+    dest = tmp_path / "box" / "images"
+    with pytest.raises(DataError, match=why) as error:
+        fetch(f"s3://{HOSTILE_BUCKET}/data/", dest, endpoint_url=s3, workers=2)
+    assert repr(key[len("data/") :]) in str(error.value)  # names the offending key
+    assert not (tmp_path / "box" / "escaped.png").exists() and not (tmp_path / "escaped.png").exists()
+    assert not list(tmp_path.rglob("escaped.png"))
+    assert not dest.exists() or not any(p.is_file() for p in dest.rglob("*"))
+
+
+def test_fetch_refuses_a_symlinked_folder_inside_the_destination(tmp_path, s3):
+    """A folder in dest that links elsewhere (left by a user or an earlier tool) is not written through."""
+    _hostile_bucket(s3, ["data/P1/a.png"])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "images"
+    dest.mkdir()
+    (dest / "P1").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(DataError, match="resolves outside"):
+        fetch(f"s3://{HOSTILE_BUCKET}/data/", dest, endpoint_url=s3, workers=1)
+    assert not list(outside.iterdir())
+
+
+def test_local_mode_refuses_links_pointing_out_of_local_root(tmp_path):
+    mirror = tmp_path / "mirror" / "prefix"
+    (mirror / "P1").mkdir(parents=True)
+    (mirror / "P1" / "good.png").write_bytes(b"ok")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the dataset")
+    (mirror / "P1" / "bad.png").symlink_to(secret)
+    dest = tmp_path / "images"
+    with pytest.raises(DataError, match="outside the local source folder") as error:
+        fetch(str(mirror), dest)
+    assert "bad.png" in str(error.value)
+    assert not dest.exists() or not list(dest.rglob("*.png"))
+    # without the hostile link the same mirror is linked normally
+    (mirror / "P1" / "bad.png").unlink()
+    listing = fetch(str(mirror), dest)
+    assert list(listing.action) == ["linked"]
+    assert (dest / "P1" / "good.png").read_bytes() == b"ok"
+
+
+def test_contained_target_rules(tmp_path):
+    from phenoprofiler_core.fetch import contained_target
+
+    assert contained_target("P1/r01c01f01p01-ch1sk1fk1fl1.png", tmp_path, origin="key") == (
+        tmp_path / "P1" / "r01c01f01p01-ch1sk1fk1fl1.png"
+    )
+    assert contained_target("a..b/c..png", tmp_path, origin="key") == tmp_path / "a..b" / "c..png"
+    for bad in ["", "/etc/passwd", "C:/x.png", "C:\\x.png", "a/../../b", "..", "a/\x00b"]:
+        with pytest.raises(DataError, match="refusing key"):
+            contained_target(bad, tmp_path, origin="key")
