@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from phenoprofiler_core import cli
+from phenoprofiler_core.config import load_config, validate_config
 from phenoprofiler_core.errors import ConfigError, DataError
 from phenoprofiler_core.targets import (
     build_targets,
@@ -427,3 +430,110 @@ def test_fetch_from_s3_mirrors_only_the_plate_then_builds(tmp_path, gallery):
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*.npz")}
     assert cli.main(args) == 0  # rerun: complete files are not downloaded again
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*.npz")} == before
+
+
+# ----------------------------------------------------------------------------- workflow
+
+
+def _snakemake(repo_root, *args):
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+    return subprocess.run(
+        [f"{BIN}/snakemake", "--cores", "2", *args],
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _jobs(text: str) -> dict[str, int]:
+    import re
+
+    table = text.split("Job stats:", 1)[1].split("\n\n", 1)[0] if "Job stats:" in text else ""
+    jobs = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+    jobs.pop("total", None)
+    return jobs
+
+
+def test_demo_keeps_the_classic_fallback(repo_root, tmp_path):
+    name = load_config(repo_root / "config" / "demo.yaml")["train"]["name"]
+    model = tmp_path / "demo" / "model" / name / "stage1.pt"
+    result = _snakemake(
+        repo_root,
+        "-n",
+        "--configfile",
+        "config/demo.yaml",
+        "--config",
+        f"results={tmp_path}",
+        "--",
+        str(model),
+    )
+    jobs = _jobs(result.stdout + result.stderr)
+    assert result.returncode == 0 and jobs.get("classic") == 5 and "targets" not in jobs, jobs
+
+
+@pytest.mark.parametrize(
+    "targets, train_targets, message",
+    [
+        ({"activate": True}, None, "config key 'targets.root' is required when targets.activate is true"),
+        ({"activate": True, "root": "x"}, "t.parquet", "'train.targets' and 'targets.activate' both choose"),
+    ],
+)
+def test_teacher_config_mistakes_fail_before_any_job(repo_root, tmp_path, targets, train_targets, message):
+    config = yaml.safe_load((repo_root / "config" / "demo.yaml").read_text())
+    config["results"] = str(tmp_path)
+    config["targets"] = targets
+    config.setdefault("train", {})["targets"] = train_targets
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = _snakemake(repo_root, "-n", "--configfile", str(path))
+    assert result.returncode != 0 and message in result.stdout + result.stderr
+
+
+def test_schema_defaults():
+    config = validate_config(
+        {
+            "dataset": "d",
+            "images": {"root": "r", "layout": "phenix", "channel_map": {"1": "DNA"}},
+            "channels": ["DNA"],
+        }
+    )
+    assert config["targets"] == {
+        "activate": False,
+        "root": None,
+        "source": None,
+        "pattern": "{plate}/{well}/{site}/embedding.npz",
+        "key": "features",
+        "missing": "error",
+        "dim": 672,
+    }
+
+
+@pytest.mark.slow
+def test_workflow_builds_targets_for_the_demo_plates(repo_root, tmp_path):
+    """The rule end to end: the demo's manifest, a tree in a local 'source' folder mirrored into root."""
+    from phenoprofiler_core.manifest import build_manifest
+
+    config = yaml.safe_load((repo_root / "config" / "demo.yaml").read_text())
+    sites = build_manifest(validate_config(config))[["Metadata_Plate", "Metadata_Well", "Metadata_Site"]]
+    # site k of the dataset: 3 cells whose median is k in every feature, plus one NaN cell
+    cells = {
+        (p, w, int(s)): [[k - 1] * 672, [k] * 672, [NAN] * 672, [k + 5] * 672]
+        for k, (p, w, s) in enumerate(sites.itertuples(index=False))
+    }
+    source = write_tree(tmp_path / "gallery", cells)
+    config["results"] = str(tmp_path / "results")
+    config["targets"] = {"activate": True, "root": str(tmp_path / "root"), "source": str(source)}
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    plates = sorted(sites.Metadata_Plate.unique())
+    outputs = [str(tmp_path / "results" / "demo" / "targets" / f"{p}.parquet") for p in plates]
+    result = _snakemake(repo_root, "--configfile", str(config_path), "--", *outputs)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    table = pd.concat([pd.read_parquet(o) for o in outputs], ignore_index=True)
+    assert len(table) == len(sites) == 60
+    for k, (p, w, s) in enumerate(sites.itertuples(index=False)):
+        row = table[(table.Metadata_Plate == p) & (table.Metadata_Well == w) & (table.Metadata_Site == s)]
+        assert row.shape[0] == 1 and (row.iloc[0, 5:].to_numpy(float) == k).all()
+        assert int(row.Metadata_Cells.iloc[0]) == 3 and int(row.Metadata_CellsWithNaN.iloc[0]) == 1
