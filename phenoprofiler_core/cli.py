@@ -20,6 +20,7 @@ STAGE_MODULES = (
     "tiles",
     "cells",
     "classic",
+    "targets",
     "train",
     "embed",
     "profiles",

@@ -171,10 +171,32 @@ def _sections(*names):
 
 
 def train_targets(wildcards):
-    """Classic features of every plate, unless a target table is given in train.targets."""
+    """What train regresses onto: the one table of train.targets; the teacher's per-site embedding
+    medians targets/<plate>.parquet (targets.activate, the paper's target); else the classic features."""
     if config["train"]["targets"]:
         return [config["train"]["targets"]]
+    if config["targets"]["activate"]:
+        return expand(f"{RESULTS}/targets/{{plate}}.parquet", plate=PLATES)
     return expand(f"{RESULTS}/features/classic/{{plate}}.parquet", plate=PLATES)
+
+
+def targets_fetch_args(wildcards):
+    """--source (one per source) and fetch's connection options, as a list for ``:q``; empty = no fetch."""
+    sources = config["targets"]["source"]
+    sources = [sources] if isinstance(sources, str) else list(sources or [])
+    if not sources:
+        return []
+    fetch = config["fetch"]
+    args = [token for source in sources for token in ("--source", source)]
+    args += ["--region", fetch["region"], "--link", fetch["link"]]
+    args += ["--workers", str(fetch["workers"]), "--retries", str(fetch["retries"])]
+    if fetch["endpoint_url"]:
+        args += ["--endpoint-url", fetch["endpoint_url"]]
+    if fetch["local_root"]:
+        args += ["--local-root", fetch["local_root"]]
+    if not fetch["anonymous"]:
+        args.append("--signed")
+    return args
 
 
 def embed_level(kind):
