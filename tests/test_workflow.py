@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -27,11 +28,32 @@ def snakemake(repo_root, *args, check=True):
     return result
 
 
+def checkout_copy(repo_root: Path, dest: Path) -> Path:
+    """A copy of the checkout (what a user's clone holds) at ``dest``."""
+    ignore = shutil.ignore_patterns(
+        ".venv", ".git", "results", ".snakemake", "mutants", "__pycache__", "*.pyc"
+    )
+    shutil.copytree(repo_root, dest, ignore=ignore, symlinks=True)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def demo(repo_root, tmp_path_factory):
-    results = tmp_path_factory.mktemp("results")
-    snakemake(repo_root, "--configfile", "config/demo.yaml", "--config", f"results={results}")
+    """The whole demo, run from a checkout and into a results folder whose paths contain spaces
+    (issue 12: "My Data" folders went through unquoted shell commands)."""
+    base = tmp_path_factory.mktemp("space test")
+    checkout = checkout_copy(repo_root, base / "my checkout" / "pheno profiler")
+    results = base / "My Results"
+    snakemake(checkout, "--configfile", "config/demo.yaml", "--config", f"results={results}")
     return results / "demo"
+
+
+def test_demo_ran_from_paths_with_spaces(demo):
+    assert " " in str(demo.parent) and " " in str(demo.parent.parent / "my checkout")
+    manifest = pd.read_parquet(demo / "manifest.parquet")
+    assert all(" " in path for path in manifest["Path_DNA"])  # image paths under the spaced checkout
+    log = (demo / "logs" / "illumination" / "SQ00015198.log").read_text()
+    assert "error" not in log.lower()
 
 
 def test_demo_manifest(demo):
