@@ -219,22 +219,39 @@ def test_readme_example_config_runs_a_new_layout_to_single_cells(shared_data, tm
     qc = json.loads((results / "illum" / plate / "qc.json").read_text())
     assert qc["n_sites"] == 4 and qc["min_sites"] == 50 and any("4 site(s)" in w for w in qc["warnings"])
 
-    # Single cells: the nuclei were found in the DNA channel.  Against CellProfiler's centres for the
-    # same sites (shipped with the data) the counts agree within 20 %: a wrong channel (e.g. Mito read
-    # as DNA) finds a very different number of objects.
+    # Single cells.  The crops' channels are in canonical order: nuclei sit at the crop centres, so the
+    # DNA plane is the one brightest at the centre relative to its crop (LINCS README: Hoechst at the
+    # nucleus centres is ~10x the image mean, the other stains 2-3.5x).
     cells_table = pd.read_parquet(results / "cells" / f"{plate}.cells.parquet")
     crops = np.load(results / "cells" / f"{plate}.npy", mmap_mode="r")
     assert crops.shape == (len(cells_table), 5, 96, 96)
+    planes = np.asarray(crops, dtype=np.float32)
+    centre_contrast = planes[:, :, 44:52, 44:52].mean(axis=(0, 2, 3)) / planes.mean(axis=(0, 2, 3))
+    channels = [c[len("Path_") :] for c in manifest.columns if c.startswith("Path_")]
+    print("centre / crop mean:", {c: round(float(v), 2) for c, v in zip(channels, centre_contrast)})
+    assert int(np.argmax(centre_contrast)) == 0  # DNA, first of the canonical channels
+
+    # The nuclei: against CellProfiler's nuclei for the same sites (shipped with the data) the counts
+    # agree within 25 % and most of its centres lie inside one of ours.  The illumination function of
+    # only 4 sites (qc.json warns) costs some: from the uncorrected images the same segmentation covers
+    # 97-100 % of the centres, here 72-88 %; Mito read as DNA would cover 33-56 %.
     locations = shared_data / LINCS / "locations" / "SQ00015198"
+    coverage = []
     for (well, site), group in cells_table.groupby(["Metadata_Well", "Metadata_Site"]):
-        reference = len(pd.read_csv(locations / f"{well}-{site}-Nuclei.csv"))
-        print(f"{well} site {site}: {len(group)} nuclei, CellProfiler {reference}")
-        assert abs(len(group) - reference) / reference <= 0.20, (well, site, len(group), reference)
+        reference = pd.read_csv(locations / f"{well}-{site}-Nuclei.csv")
         # the saved label image holds exactly these nuclei, in the table's coordinate frame
         labels = tifffile.imread(results / "cells" / f"{plate}.masks" / f"{well}_s{site}.tiff")
         assert labels.shape == (1080, 1080) and labels.max() == len(group)
         x = np.round(group.Metadata_X.to_numpy()).astype(int)
         y = np.round(group.Metadata_Y.to_numpy()).astype(int)
         own = labels[y, x] == group.Metadata_ObjectNumber.to_numpy()
-        print(f"  label at the rounded (X, Y) is the cell's own: {own.mean():.3f}")
         assert own.mean() >= 0.95, own.mean()
+        cp_x = np.round(reference.Nuclei_Location_Center_X.to_numpy()).astype(int).clip(0, 1079)
+        cp_y = np.round(reference.Nuclei_Location_Center_Y.to_numpy()).astype(int).clip(0, 1079)
+        coverage.append(float(np.mean(labels[cp_y, cp_x] > 0)))
+        print(
+            f"{well} site {site}: {len(group)} nuclei, CellProfiler {len(reference)}, "
+            f"CellProfiler centres inside ours {coverage[-1]:.3f}, label at own (X, Y) {own.mean():.3f}"
+        )
+        assert abs(len(group) - len(reference)) / len(reference) <= 0.25, (well, site, len(group))
+    assert np.mean(coverage) >= 0.75, coverage
