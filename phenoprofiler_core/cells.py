@@ -24,6 +24,13 @@ cells per 384-well plate.  Intensities go through the same robust per-plate-and-
 as site tiles (``tiles.percentiles``): percentiles are estimated from a fixed-seed random sample of
 corrected pixels of every site of the plate (≤ ``max_samples`` per channel in total), so memory stays
 bounded by one site and the result is reproducible.
+
+Coordinates: ``Metadata_X``/``Metadata_Y`` are in pixels of the raw (full-resolution) image, x = column,
+y = row, origin at the centre of the top-left pixel (0, 0) — CellProfiler's ``Location_Center_X/Y``
+frame, so given centres pass through unchanged.  With ``masks_dir`` (config ``cells.save_masks``) the
+nucleus label image of every site is kept as ``<masks_dir>/<well>_s<site>.tiff`` (same frame; 0 =
+background, label i = ``Metadata_ObjectNumber`` i of that site; uint16, or uint32 past 65535 nuclei;
+Deflate-compressed), so other segmentations can be compared pixel by pixel.
 """
 
 from __future__ import annotations
@@ -339,19 +346,45 @@ class _SitePass:
     nuclei: NucleiOptions
     samples_per_site: int
     seed: int
+    masks_dir: str | None = None
     _illumination: dict | None = field(default=None, repr=False)
 
     def __call__(self, row: dict):
         if self._illumination is None and self.illum_dir is not None:
             self._illumination = load_illumination(self.illum_dir, self.channels)
         image = load_site(row, self.channels, self._illumination)
-        _, centres = site_nuclei(row, image, self.channels, self.nuclei)
+        labels, centres = site_nuclei(row, image, self.channels, self.nuclei)
+        if self.masks_dir is not None:
+            save_mask(labels, Path(self.masks_dir) / mask_name(row["Metadata_Well"], row["Metadata_Site"]))
         # Seed from the site identity, so the sample does not depend on worker scheduling.
         key = f"{row['Metadata_Plate']}|{row['Metadata_Well']}|{row['Metadata_Site']}"
         rng = np.random.default_rng([self.seed, *key.encode()])
         flat = image.reshape(len(self.channels), -1)
         pick = rng.integers(0, flat.shape[1], size=min(self.samples_per_site, flat.shape[1]))
         return centres, flat[:, pick].copy()
+
+
+def mask_name(well: str, site: int) -> str:
+    """File name of a site's nucleus label image inside ``cells/<plate>.masks/``."""
+    return f"{well}_s{int(site)}.tiff"
+
+
+def save_mask(labels: np.ndarray, path: str | os.PathLike) -> None:
+    """Write a label image atomically as a Deflate-compressed TIFF (uint16, uint32 past 65535 labels)."""
+    import tifffile
+
+    dtype = np.uint16 if int(labels.max(initial=0)) <= np.iinfo(np.uint16).max else np.uint32
+    with io.atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, labels.astype(dtype), compression="zlib")
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Move a finished temporary folder onto ``out`` (a directory output appears whole or not at all)."""
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def run_cells(
@@ -369,11 +402,13 @@ def run_cells(
     max_samples: int = 2_000_000,
     seed: int = 0,
     workers: int = 1,
+    masks_dir: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """Write single-cell crops of one plate and their index table; return the table.
 
     Two passes over the plate so memory is bounded by one site: pass 1 finds nuclei and samples pixels
     (-> percentiles, cell count), pass 2 rescales and streams crops into a pre-sized ``.npy``.
+    With ``masks_dir`` the nucleus label images of pass 1 are written there (see :func:`save_mask`).
     """
     from tqdm import tqdm
 
@@ -392,7 +427,23 @@ def run_cells(
     illum = str(illum_dir) if illum_dir is not None else None
     illumination = load_illumination(illum, channels)  # fail early, naming a missing file
 
-    first = _SitePass(channels, illum, nuclei, max(1000, max_samples // len(rows)), seed)
+    masks_tmp = None
+    if masks_dir is not None:
+        masks_dir = Path(masks_dir)
+        masks_tmp = masks_dir.with_name(f".{masks_dir.name}.tmp")
+        if masks_tmp.exists():
+            import shutil
+
+            shutil.rmtree(masks_tmp)
+        masks_tmp.mkdir(parents=True)
+    first = _SitePass(
+        channels,
+        illum,
+        nuclei,
+        max(1000, max_samples // len(rows)),
+        seed,
+        str(masks_tmp) if masks_tmp is not None else None,
+    )
     centres_per_site, samples = [], []
     for centres, sample in tqdm(
         map_sites(first, rows, workers), total=len(rows), desc=f"cells {plate} nuclei"
@@ -439,6 +490,8 @@ def run_cells(
                 for batch in crop_cells(image, centres, box_size=box_size, crop_size=crop_size):
                     writer.write(np.clip(batch, 0.0, 1.0).astype(np.float16))
     io.write_parquet(cells, out_table)
+    if masks_tmp is not None:
+        _replace_folder(masks_tmp, masks_dir)
     log.info("plate %s: %d cells from %d sites -> %s", plate, total, len(rows), out_npy)
     return cells
 
@@ -540,6 +593,7 @@ def _run(args: argparse.Namespace) -> None:
         percentiles=args.percentiles,
         seed=args.seed,
         workers=args.workers,
+        masks_dir=args.masks,
     )
 
 
@@ -561,4 +615,9 @@ def register_cli(subparsers) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="processes for the per-site pass")
+    parser.add_argument(
+        "--masks",
+        default=None,
+        help="folder cells/<plate>.masks for the nucleus label image of every site (<well>_s<site>.tiff)",
+    )
     parser.set_defaults(func=_run)

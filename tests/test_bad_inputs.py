@@ -3,6 +3,7 @@ and no partial output left behind.  (Config typos: test_config.py; the model's b
 test_train.py / test_checkpoint.py.)"""
 
 import logging
+import re
 
 import numpy as np
 import pandas as pd
@@ -183,3 +184,102 @@ def test_unreadable_manifest(capsys, tmp_path):
         capsys, "tiles", tmp_path / "absent.parquet", "--plate", "P1", "--out", tmp_path / "P1.npy"
     )
     assert code == 2 and "absent.parquet" in err
+
+
+# ----------------------------------------------------------------------------- the manifest stops first
+
+
+def manifest_fails(capsys, tmp_path, configfile) -> str:
+    """Run the manifest step expecting a user error: exit 2, one line, no output written."""
+    out, summary = tmp_path / "m.parquet", tmp_path / "m.summary.json"
+    code, err = run(capsys, "manifest", "--configfile", configfile, "--out", out, "--summary", summary)
+    lines = [line for line in err.splitlines() if line.startswith("phenoprofiler manifest: error:")]
+    assert code == 2 and len(lines) == 1, err
+    assert "Traceback" not in err
+    assert not out.exists() and not summary.exists()
+    return lines[0]
+
+
+def test_image_of_another_size_stops_the_manifest(capsys, dataset):
+    tmp_path, configfile, _ = dataset
+    bad = image_path(tmp_path, well="r02c02", site=2, ch=4)
+    save(cell_image((96, 120), dtype=np.uint8), bad)
+    line = manifest_fails(capsys, tmp_path, configfile)
+    assert bad.name in line and "120x96 px" in line and "96x96 px" in line
+
+
+def test_mixed_bit_depth_stops_the_manifest(capsys, dataset):
+    tmp_path, configfile, _ = dataset
+    bad = image_path(tmp_path, well="r02c02", site=1, ch=2)
+    save(cell_image((96, 96), dtype=np.uint16), bad)
+    line = manifest_fails(capsys, tmp_path, configfile)
+    assert bad.name in line and "uint16" in line and "mixed bit depth" in line
+
+
+def test_colour_image_stops_the_manifest(capsys, dataset):
+    tmp_path, configfile, _ = dataset
+    bad = image_path(tmp_path, well="r02c02", site=2, ch=1)
+    save(np.zeros((96, 96, 3), np.uint8), bad)
+    line = manifest_fails(capsys, tmp_path, configfile)
+    assert bad.name in line and "one grey channel" in line
+
+
+def test_undecodable_tiff_stops_the_manifest(capsys, tmp_path):
+    """A compression without a decoder (the issue's missing codec) is found by the manifest, not a
+    per-plate job: the first image of each plate and channel is decoded, every header is read."""
+    import tifffile
+
+    write_phenix_plate(tmp_path / "img", "P1", suffix=".tif", dtype=np.uint16, shape=(64, 64))
+    meta = write_platemap(tmp_path / "meta", "P1", {"A01": "DMSO", "B02": "cpd"})
+    bad = tmp_path / "img" / "P1" / "r02c02f02p01-ch3sk1fk1fl1.tif"
+    tifffile.imwrite(bad, cell_image((64, 64), dtype=np.uint16), compression="adobe_deflate")
+    with tifffile.TiffFile(bad) as tif:
+        offset = tif.pages[0].tags["Compression"].valueoffset
+    data = bytearray(bad.read_bytes())
+    data[offset : offset + 2] = (60000).to_bytes(2, "little")
+    bad.write_bytes(bytes(data))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "dataset": "t",
+                "images": {"root": str(tmp_path / "img"), "layout": "phenix", "channel_map": CH},
+                "metadata": meta,
+            }
+        )
+    )
+    line = manifest_fails(capsys, tmp_path, cfg)
+    assert bad.name in line and "compression 60000 has no decoder" in line
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (
+            {"images": {"channel_map": {"ch 1": "DNA"}}},
+            r"images\.channel_map.*'ch 1'.*write the channel number",
+        ),
+        ({"images": {"channel_map": {"1": "DNA", "ch1": "ER"}}}, r"keys '1' and 'ch1' both mean channel 1"),
+        ({"metadata": {"negcon": ["DMSO@0"]}}, r"metadata\.negcon.*'DMSO@0'.*\['DMSO'\]"),
+        ({"images": {"plate": "my plate"}}, r"unsafe plate name 'my plate' from .*'images\.plate'"),
+        ({"dataset": "../escape"}, r"unsafe dataset name '\.\./escape'.*starts with '\.'"),
+        ({"metadata": {"wells": "absent.csv"}}, r"metadata\.wells.*absent\.csv"),
+    ],
+    ids=["channel-key", "channel-twice", "negcon", "plate-name", "dataset-name", "wells-file"],
+)
+def test_config_mistakes_are_one_line(capsys, dataset, change, expected):
+    tmp_path, configfile, config = dataset
+    for key, value in change.items():
+        if isinstance(value, dict):
+            section = dict(config[key])
+            if "channel_map" in value:
+                section["channel_map"] = value["channel_map"]
+                config["channels"] = list(dict.fromkeys(value["channel_map"].values()))
+            else:
+                section.update(value)
+            config[key] = section
+        else:
+            config[key] = value
+    configfile.write_text(yaml.safe_dump(config))
+    line = manifest_fails(capsys, tmp_path, configfile)
+    assert re.search(expected, line), line

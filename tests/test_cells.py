@@ -291,3 +291,46 @@ def test_cells_cli(synthetic_plate, tmp_path, capsys):
     assert "Hoechst" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="locations_root"):
         cells.NucleiOptions(method="locations")
+
+
+# ----------------------------------------------------------------------------- nucleus label images
+
+
+def test_save_masks_writes_one_label_image_per_site(synthetic_plate, tmp_path):
+    """cells.save_masks: one TIFF per site in the cells table's frame; label i = ObjectNumber i."""
+    manifest, sites = synthetic_plate
+    masks = tmp_path / "cells" / "P1.masks"
+    table = cells.run_cells(
+        manifest,
+        "P1",
+        tmp_path / "cells" / "P1.npy",
+        tmp_path / "cells" / "P1.cells.parquet",
+        nuclei=cells.NucleiOptions(min_area=50, min_distance=6),
+        box_size=32,
+        crop_size=16,
+        masks_dir=masks,
+    )
+    assert sorted(p.name for p in masks.iterdir()) == ["B02_s1.tiff", "B02_s2.tiff"]
+    assert not list((tmp_path / "cells").glob(".*"))  # no temporary folder left behind
+    for site, centres in sites.items():
+        with tifffile.TiffFile(masks / f"B02_s{site}.tiff") as tif:
+            assert tif.pages[0].compression.name in ("ADOBE_DEFLATE", "DEFLATE")
+            labels = tif.asarray()
+        assert labels.shape == (160, 160) and labels.dtype == np.uint16
+        assert labels.max() == len(centres)
+        rows = table[table.Metadata_Site == site]
+        for obj, x, y in zip(rows.Metadata_ObjectNumber, rows.Metadata_X, rows.Metadata_Y):
+            assert labels[round(float(y)), round(float(x))] == obj  # x = column, y = row
+        # each drawn disc (radius 9: ~254 px, less where the border cuts it) is one label
+        for x, y in centres:
+            label = labels[y, x]
+            assert label > 0 and 100 < (labels == label).sum() < 300
+
+
+def test_save_mask_widens_to_uint32_past_65535_labels(tmp_path):
+    labels = np.arange(70000, dtype=np.int64).reshape(350, 200)
+    cells.save_mask(labels, tmp_path / "many.tiff")
+    back = tifffile.imread(tmp_path / "many.tiff")
+    assert back.dtype == np.uint32 and np.array_equal(back, labels)
+    cells.save_mask(np.array([[0, 3], [65535, 1]]), tmp_path / "few.tiff")
+    assert tifffile.imread(tmp_path / "few.tiff").dtype == np.uint16

@@ -6,7 +6,12 @@ from helpers import cell_image, save
 from scipy import ndimage
 
 from phenoprofiler_core.errors import ImageError
-from phenoprofiler_core.illumination import illumination_function, mean_image, robust_rescale
+from phenoprofiler_core.illumination import (
+    illumination_function,
+    illumination_qc,
+    mean_image,
+    robust_rescale,
+)
 
 SHAPE = (250, 250)
 
@@ -106,3 +111,61 @@ def test_nan_image_fails(tmp_path):
     path = save(image, tmp_path / "nan.tif")
     with pytest.raises(ImageError, match=r"nan\.tif.*NaN"):
         mean_image([path])
+
+
+# ----------------------------------------------------------------------------- QC (qc.json)
+
+
+def test_qc_flags_few_sites_and_implausible_ratios():
+    flat = np.ones((10, 10), np.float32)
+    steep = np.ones((10, 10), np.float32)
+    steep[:2, :2] = 4.0  # max / min = 4 / 1, above a limit of 3
+    qc = illumination_qc(
+        {"DNA": flat * 1.5, "Mito": steep}, plate="P1", n_sites=12, min_sites=50, max_ratio=3.0
+    )
+    assert list(qc) == ["plate", "n_sites", "min_sites", "max_ratio_limit", "channels", "warnings"]
+    assert (qc["plate"], qc["n_sites"], qc["min_sites"], qc["max_ratio_limit"]) == ("P1", 12, 50, 3.0)
+    assert qc["channels"]["DNA"] == {"max_over_min": 1.0, "warnings": []}
+    assert qc["channels"]["Mito"]["max_over_min"] == 4.0
+    assert len(qc["channels"]["Mito"]["warnings"]) == 1 and "4.00" in qc["channels"]["Mito"]["warnings"][0]
+    assert len(qc["warnings"]) == 2
+    assert "12 site(s)" in qc["warnings"][0] and qc["warnings"][1] == qc["channels"]["Mito"]["warnings"][0]
+    # enough sites and a plausible function: no warning at all
+    ok = illumination_qc({"DNA": steep}, plate="P1", n_sites=50, min_sites=50, max_ratio=4.0)
+    assert ok["warnings"] == [] and ok["channels"]["DNA"]["warnings"] == []
+
+
+def test_cli_writes_qc_json_beside_the_functions(tmp_path, capsys, caplog):
+    import json
+    import logging
+
+    import pandas as pd
+
+    from phenoprofiler_core.cli import main
+
+    rows = []
+    for k in range(3):
+        row = {"Metadata_Plate": "P1", "Metadata_Well": "A01", "Metadata_Site": k + 1}
+        row["Path_DNA"] = str(save(cell_image((60, 60), seed=k), tmp_path / f"dna{k}.tif"))
+        rows.append(row)
+    pd.DataFrame(rows).to_parquet(tmp_path / "m.parquet")
+    out = tmp_path / "illum" / "P1"
+    with caplog.at_level(logging.WARNING):
+        code = main(
+            [
+                "illumination",
+                str(tmp_path / "m.parquet"),
+                "--plate",
+                "P1",
+                "--out",
+                str(out),
+                "--min-sites",
+                "5",
+            ]
+        )
+    assert code == 0, capsys.readouterr().err
+    qc = json.loads((out / "qc.json").read_text())
+    function = np.load(out / "DNA.npy")
+    assert qc["n_sites"] == 3 and qc["min_sites"] == 5 and qc["max_ratio_limit"] == 3.0
+    assert qc["channels"]["DNA"]["max_over_min"] == pytest.approx(function.max() / function.min(), rel=1e-6)
+    assert "3 site(s)" in qc["warnings"][0] and "3 site(s)" in caplog.text

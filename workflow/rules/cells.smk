@@ -10,6 +10,8 @@ rule cells:
     output:
         crops=f"{RESULTS}/cells/{{plate}}.npy",
         table=f"{RESULTS}/cells/{{plate}}.cells.parquet",
+        # cells.save_masks: the nucleus label image of every site (<well>_s<site>.tiff)
+        masks=(directory(f"{RESULTS}/cells/{{plate}}.masks") if config["cells"]["save_masks"] else []),
     log:
         f"{RESULTS}/logs/cells/{{plate}}.log",
     benchmark:
@@ -30,8 +32,10 @@ rule cells:
         # crops get the same robust per-plate-and-channel rescale as the site tiles
         percentiles=config["tiles"]["percentiles"],
         seed=config["seed"],
+        masks=lambda wildcards, output: (["--masks", output.masks] if config["cells"]["save_masks"] else []),
     shell:
         "phenoprofiler cells {input.manifest:q} --plate {wildcards.plate:q} "
         "--out {output.crops:q} --table {output.table:q} {params.illum:q} --channels {params.channels:q} "
         "{params.nuclei:q} --box-size {params.box_size:q} --crop-size {params.crop_size:q} "
-        "--percentiles {params.percentiles:q} --seed {params.seed:q} --workers {threads:q} > {log:q} 2>&1"
+        "--percentiles {params.percentiles:q} --seed {params.seed:q} --workers {threads:q} {params.masks:q} "
+        "> {log:q} 2>&1"

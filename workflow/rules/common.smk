@@ -10,7 +10,7 @@ import yaml
 
 sys.path.insert(0, str(Path(workflow.basedir).parent))  # the core package, also without `pip install`
 
-from phenoprofiler_core.config import validate_config
+from phenoprofiler_core.config import exit_on_user_error, validate_config
 from phenoprofiler_core.errors import PhenoProfilerError
 from phenoprofiler_core.fetch import fetch_pending
 from phenoprofiler_core.manifest import list_plates
@@ -37,7 +37,7 @@ if not workflow.configfiles:
 try:
     _validated = validate_config(config, source="config")
 except PhenoProfilerError as _error:
-    raise WorkflowError(str(_error)) from None
+    exit_on_user_error(_error)  # one line, exit 2
 config.clear()
 config.update(_validated)
 
@@ -49,7 +49,7 @@ else:
     try:
         PLATES = list_plates(config)
     except PhenoProfilerError as _error:
-        raise WorkflowError(str(_error)) from None
+        exit_on_user_error(_error)  # one line, exit 2
 
 
 wildcard_constraints:

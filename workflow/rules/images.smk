@@ -5,7 +5,9 @@ rule manifest:
     input:
         fetched=FETCH_LISTING,
     output:
-        f"{RESULTS}/manifest.parquet",
+        manifest=f"{RESULTS}/manifest.parquet",
+        # counts, dropped wells/images and warnings, for the report
+        summary=f"{RESULTS}/manifest.summary.json",
     log:
         f"{RESULTS}/logs/manifest.log",
     benchmark:
@@ -20,8 +22,11 @@ rule manifest:
         configfile=lambda wildcards: write_config_snapshot(),
         # the sections the manifest depends on: a change here reruns it (and only then)
         sections=lambda wildcards: {k: config[k] for k in ("channels", "images", "metadata")},
+        # the manifest checks controls against the normalization scope (plate scope: every plate)
+        control_scope=config["profiles"].get("normalize_scope", "auto"),
     shell:
-        "phenoprofiler manifest --configfile {params.configfile:q} --out {output:q} > {log:q} 2>&1"
+        "phenoprofiler manifest --configfile {params.configfile:q} --out {output.manifest:q} "
+        "--summary {output.summary:q} > {log:q} 2>&1"
 
 
 rule illumination:
@@ -43,10 +48,13 @@ rule illumination:
         downsample=config["illumination"]["downsample"],
         median_size=config["illumination"]["median_size"],
         robust_quantile=config["illumination"]["robust_quantile"],
+        min_sites=config["illumination"]["min_sites"],
+        max_ratio=config["illumination"]["max_ratio"],
     shell:
         "phenoprofiler illumination {input.manifest:q} --plate {wildcards.plate:q} --out {output:q} "
         "--downsample {params.downsample:q} --median-size {params.median_size:q} "
-        "--robust-quantile {params.robust_quantile:q} > {log:q} 2>&1"
+        "--robust-quantile {params.robust_quantile:q} --min-sites {params.min_sites:q} "
+        "--max-ratio {params.max_ratio:q} > {log:q} 2>&1"
 
 
 rule tiles:
