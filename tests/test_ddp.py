@@ -39,10 +39,10 @@ FLOAT64_CLI = """
 import sys
 import numpy as np
 import torch
-from phenoprofiler_core import cli, train
+from phenoprofiler_core import cli, train_loader
 torch.set_default_dtype(torch.float64)
-to_float = train.image_to_float
-train.image_to_float = lambda array: to_float(array).astype(np.float64)
+to_float = train_loader.image_to_float
+train_loader.image_to_float = lambda array: to_float(array).astype(np.float64)
 sys.exit(cli.main(sys.argv[1:]))
 """
 
