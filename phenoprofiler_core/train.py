@@ -8,8 +8,9 @@ AdamW (lr 1e-3, wd 1e-3) with a StepLR decay, a fresh optimizer per stage as in 
 Outputs in ``--out`` (``model/<name>/``):
   ``stage1.pt``, ``stage2.pt``  best-by-validation-loss weights + everything ``embed`` needs
   ``history.csv``               one row per (stage, epoch, split): loss, mse, ce, contrastive
-  ``state/``                    per-epoch training state (model, optimizer, scheduler, RNG, history) so
-                                a killed job resumes to bit-identical weights on CPU
+  ``state/``                    the latest epoch's training state (model, optimizer, scheduler, RNG,
+                                history, best weights) so a killed job resumes to bit-identical
+                                weights on CPU; one file, removed when training ends
 
 Data: site tiles ``tiles/<plate>.npy`` (+ ``.sites.parquet``) or, with ``train.level: cell`` (or
 ``auto`` when crops exist for every plate), cell crops ``cells/<plate>.npy`` (+ ``.cells.parquet``),
@@ -80,6 +81,7 @@ from .train_loop import (
 from .train_state import (
     CHECKPOINT_FORMAT,
     HISTORY_COLUMNS,
+    ResumeState,
     StageProgress,
     Trainer,
     TrainingInterrupted,
@@ -90,7 +92,6 @@ from .train_state import (
     rng_state,
     run_fingerprint,
     save_atomic,
-    save_resume_state,
     seed_everything,
     weights_digest,
     write_history,
@@ -231,12 +232,12 @@ class _TrainingRun:
         )
 
     def path(self, name: str) -> Path:
-        """``stage1``/``stage2``/``history`` outputs, or ``state/<name>.pt`` resume files."""
-        if name == "history":
-            return self.out_dir / "history.csv"
-        if name in ("stage1", "stage2"):
-            return self.out_dir / f"{name}.pt"
-        return self.out_dir / "state" / f"{name}.pt"
+        """The outputs: ``stage1``, ``stage2`` (.pt) and ``history`` (.csv)."""
+        return self.out_dir / ("history.csv" if name == "history" else f"{name}.pt")
+
+    @property
+    def resume_state(self) -> ResumeState:
+        return ResumeState(self.out_dir / "state")
 
     def count_epoch(self) -> None:
         """Called once an epoch's state is on disk: emulate a kill there when asked to."""
@@ -260,6 +261,7 @@ def _train_stages(run: _TrainingRun, resume: bool) -> dict[str, Path]:
         previous = final_path
     if run.ctx.is_main:
         write_history(history, run.path("history"))
+        run.resume_state.finish()
     run.ctx.barrier()
     return {name: run.path(name) for name in ("stage1", "stage2", "history")}
 
@@ -312,11 +314,12 @@ def _train_stage(
     progress = StageProgress(
         history=list(history), best_state=cpu_copy(trainer.model.state_dict()), init_digest=init_digest
     )
-    last_path, best_path = run.path(f"stage{stage}_last"), run.path(f"stage{stage}_best")
-    if resume and restore_resume_state(
-        last_path, best_path, run.fingerprint, trainer, progress, run.ctx.rank, run.ctx.world_size
-    ):
-        log.info("resuming stage %d at epoch %d from %s", stage, progress.start_epoch, last_path)
+    saved = run.resume_state.load(stage, run.fingerprint) if resume else None
+    if saved is not None:
+        restore_resume_state(saved, trainer, progress, run.ctx.rank, run.ctx.world_size)
+        log.info(
+            "resuming stage %d at epoch %d from %s", stage, progress.start_epoch, run.resume_state.path(stage)
+        )
     weights = stage_loss_weights(stage, run.cfg)
     setup = EpochSetup(
         _for_processes(run, trainer.model, weights), weights, run.device, run.amp_dtype, run.ctx
@@ -327,6 +330,7 @@ def _train_stage(
         progress.best_state = cpu_copy(trainer.model.state_dict())
     if run.ctx.is_main:  # rank 0 alone writes
         save_atomic(_stage_checkpoint(run, stage, progress), run.path(f"stage{stage}"))
+        run.resume_state.finish_stage(stage)
     run.ctx.barrier()  # every rank starts the next stage from this file
     return progress.history
 
@@ -375,14 +379,10 @@ def _train_epoch(
 def _save_epoch(
     run: _TrainingRun, stage: int, epoch: int, trainer: Trainer, progress: StageProgress, score: float
 ) -> None:
-    is_best = progress.record(epoch + 1, score, trainer.model)
-    if is_best and run.ctx.is_main:
-        save_atomic(progress.best_state, run.path(f"stage{stage}_best"))
+    progress.record(epoch + 1, score, trainer.model)
     rng_ranks = all_gather_objects(run.ctx, rng_state())
     if run.ctx.is_main:
-        save_resume_state(
-            run.path(f"stage{stage}_last"), run.fingerprint, epoch, trainer, progress, rng_ranks
-        )
+        run.resume_state.save(stage, run.fingerprint, epoch, trainer, progress, rng_ranks)
         write_history(progress.history, run.path("history"))
     run.ctx.barrier()  # the state is on disk before any rank moves on (or is stopped)
     run.count_epoch()

@@ -6,6 +6,7 @@ Everything is written atomically (:mod:`.io`), so a kill during a write leaves t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ["stage", "epoch", "split", "loss", "mse", "ce", "contrastive"]
 CHECKPOINT_FORMAT = "phenoprofiler-checkpoint/1"
+# Resume state layout; files in another layout (or without one: earlier versions) are not resumed.
+RESUME_FORMAT = "phenoprofiler-train-state/2"
 
 
 class TrainingInterrupted(RuntimeError):
@@ -178,46 +181,99 @@ class Trainer:
     scaler: torch.amp.GradScaler | None
 
 
-def save_resume_state(
-    path: Path, fingerprint: str, epoch: int, trainer: Trainer, progress: StageProgress, rng_ranks: list
-) -> None:
-    """The state after 0-based ``epoch`` (rank 0 writes; ``rng_ranks`` = every rank's RNG state)."""
-    save_atomic(
-        {
-            "fingerprint": fingerprint,
-            "epoch": epoch,
-            "model": trainer.model.state_dict(),
-            "optimizer": trainer.optimizer.state_dict(),
-            "scheduler": trainer.scheduler.state_dict(),
-            "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
-            "best_loss": progress.best_loss,
-            "best_epoch": progress.best_epoch,
-            "history": progress.history,
-            "init_digest": progress.init_digest,
-            "rng": rng_ranks[0],
-            "rng_ranks": rng_ranks if len(rng_ranks) > 1 else None,
-        },
-        path,
-    )
+class ResumeState:
+    """``<out>/state/stage<N>_last.pt``: the latest epoch of the stage in progress, nothing older.
+
+    One file holds the model, optimizer, scheduler, RNG streams, history and the stage's best
+    weights so far (omitted when the latest epoch is the best: they are the model's weights), i.e.
+    at most the model + optimizer + one more copy of the weights (~4/3 of model + optimizer with
+    AdamW).  It is replaced atomically, so a kill during the write leaves the previous epoch's file
+    (plus a temporary file that the next save removes); once the stage's checkpoint is written the
+    file goes, and the folder with it when training ends.  Only rank 0 writes.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+
+    def path(self, stage: int) -> Path:
+        return self.state_dir / f"stage{stage}_last.pt"
+
+    def leftovers(self, keep: Path | None = None) -> list[Path]:
+        """Resume files other than ``keep``: other stages' state, temporary files of killed
+        writes, and the separate ``stage<N>_best.pt`` files of earlier versions."""
+        if not self.state_dir.is_dir():
+            return []
+        patterns = ("stage*_last.pt", "stage*_best.pt", ".stage*_last.pt.*", ".stage*_best.pt.*")
+        found = {p for pattern in patterns for p in self.state_dir.glob(pattern)}
+        return sorted(p for p in found if p != keep)
+
+    def save(
+        self,
+        stage: int,
+        fingerprint: str,
+        epoch: int,
+        trainer: Trainer,
+        progress: StageProgress,
+        rng_ranks: list,
+    ) -> None:
+        """The state after 0-based ``epoch`` (``rng_ranks`` = every rank's RNG state), then every
+        older resume file is removed."""
+        path = self.path(stage)
+        latest_is_best = progress.best_epoch == epoch + 1
+        save_atomic(
+            {
+                "format": RESUME_FORMAT,
+                "fingerprint": fingerprint,
+                "stage": stage,
+                "epoch": epoch,
+                "model": trainer.model.state_dict(),
+                "optimizer": trainer.optimizer.state_dict(),
+                "scheduler": trainer.scheduler.state_dict(),
+                "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+                "best_loss": progress.best_loss,
+                "best_epoch": progress.best_epoch,
+                "best_state": None if latest_is_best else progress.best_state,
+                "history": progress.history,
+                "init_digest": progress.init_digest,
+                "rng": rng_ranks[0],
+                "rng_ranks": rng_ranks if len(rng_ranks) > 1 else None,
+            },
+            path,
+        )
+        self.remove(self.leftovers(keep=path))
+
+    def finish_stage(self, stage: int) -> None:
+        """The stage checkpoint is written: its resume file is no longer needed."""
+        self.remove([self.path(stage), *self.leftovers()])
+
+    def finish(self) -> None:
+        self.remove(self.leftovers())
+        with contextlib.suppress(OSError):  # not empty (a user's file) or already gone
+            self.state_dir.rmdir()
+
+    @staticmethod
+    def remove(paths: list[Path]) -> None:
+        for p in paths:
+            p.unlink(missing_ok=True)
+
+    def load(self, stage: int, fingerprint: str) -> dict[str, Any] | None:
+        """The saved state of ``stage``, or None when there is none or it was written with other
+        settings (or by a version that kept its state in another layout)."""
+        path = self.path(stage)
+        if not path.is_file():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        if saved.get("format") != RESUME_FORMAT or saved.get("fingerprint") != fingerprint:
+            log.warning("ignoring %s: it was written with other settings or by another version", path)
+            return None
+        return saved
 
 
 def restore_resume_state(
-    path: Path,
-    best_path: Path,
-    fingerprint: str,
-    trainer: Trainer,
-    progress: StageProgress,
-    rank: int,
-    world_size: int,
-) -> bool:
-    """Load ``path`` into ``trainer``/``progress`` and this rank's RNG; False (nothing changed) when
-    there is no state or it was written with other settings."""
-    if not path.is_file():
-        return False
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    if saved.get("fingerprint") != fingerprint:
-        log.warning("ignoring %s: it was written with other settings", path)
-        return False
+    saved: Mapping[str, Any], trainer: Trainer, progress: StageProgress, rank: int, world_size: int
+) -> None:
+    """Load a state written by :meth:`ResumeState.save` into ``trainer``/``progress`` and this
+    rank's RNG streams."""
     trainer.model.load_state_dict(saved["model"])
     trainer.optimizer.load_state_dict(saved["optimizer"])
     trainer.scheduler.load_state_dict(saved["scheduler"])
@@ -225,13 +281,12 @@ def restore_resume_state(
         trainer.scaler.load_state_dict(saved["scaler"])
     progress.start_epoch = saved["epoch"] + 1
     progress.best_loss, progress.best_epoch = saved["best_loss"], saved["best_epoch"]
+    best = saved["best_state"]
+    progress.best_state = cpu_copy(saved["model"] if best is None else best)
     progress.history = list(saved["history"])
     progress.init_digest = saved.get("init_digest")
-    if best_path.is_file():
-        progress.best_state = torch.load(best_path, map_location="cpu", weights_only=False)
     rng_ranks = saved.get("rng_ranks") or [saved["rng"]]
     if len(rng_ranks) == world_size:
         set_rng_state(rng_ranks[rank])
     elif rank == 0:  # resumed with another process count: rank 0 keeps its stream
         set_rng_state(saved["rng"])
-    return True
