@@ -68,7 +68,14 @@ from .train_data import (
     open_images,
     read_targets,
 )
-from .train_loader import ItemDataset, epoch_order, global_batches, rank_loader
+from .train_loader import (
+    TrainingBatches,
+    available_cores,
+    compute_cores,
+    epoch_order,
+    global_batches,
+    loader_workers,
+)
 from .train_loop import (
     EpochSetup,
     Outputs,
@@ -138,8 +145,13 @@ def train_model(
     seed: int = 0,
     resume: bool = True,
     stop_after_epochs: int | None = None,
+    cores: int | None = None,
 ) -> dict[str, Path]:
     """Run both stages; return the paths of stage1.pt, stage2.pt and history.csv.
+
+    ``cores``: CPU cores this process may use (the CLI passes its share of ``--threads``); None =
+    the cores it may run on.  DataLoader workers never exceed what compute leaves of them
+    (:func:`.train_loader.loader_workers`).
 
     ``stop_after_epochs`` ends the process-wide run (raising :class:`TrainingInterrupted`) after that
     many epochs have been *completed in this call*, right after their state was saved, i.e. exactly
@@ -162,13 +174,31 @@ def train_model(
     )
     data = load_training_data(images_dir, plates, target_table, cfg, seed)
     ctx, device = init_distributed(cfg.distributed, pick_device(cfg.device))
+    batches = None
     try:
+        workers = _worker_count(cfg, cores or available_cores(), device)
+        batches = TrainingBatches(data, workers=workers, device=device, ctx=ctx)
         run = _TrainingRun.create(
-            data, ctx, device, Path(out_dir), plates, model_cfg, cfg, seed, stop_after_epochs
+            data, ctx, device, Path(out_dir), plates, model_cfg, cfg, seed, stop_after_epochs, batches
         )
         return _train_stages(run, resume)
     finally:
+        if batches is not None:  # stop the workers now, even when training was stopped
+            batches.close()
         ctx.close()
+
+
+def _worker_count(cfg: TrainConfig, cores: int, device: torch.device) -> int:
+    workers = loader_workers(cfg.num_workers, cores=cores, device=device)
+    log.info(
+        "reading batches with %d DataLoader worker(s) (train.num_workers %d; %d core(s), compute on %s uses %d)",
+        workers,
+        cfg.num_workers,
+        cores,
+        device.type,
+        compute_cores(device),
+    )
+    return workers
 
 
 # ----------------------------------------------------------------------------- a run of both stages
@@ -189,15 +219,14 @@ class _TrainingRun:
     seed: int
     fingerprint: str
     train_idx: np.ndarray
-    train_set: ItemDataset
-    val_loader: tuple | None
-    loader_kw: dict[str, Any]
+    val_batches: list[list[int]]
+    batches: TrainingBatches
     drop_last: bool
     stop_after_epochs: int | None
     epochs_done_here: int = 0
 
     @classmethod
-    def create(cls, data, ctx, device, out_dir, plates, model_cfg, cfg, seed, stop_after_epochs):
+    def create(cls, data, ctx, device, out_dir, plates, model_cfg, cfg, seed, stop_after_epochs, batches):
         amp_dtype = pick_precision(cfg.precision, device)
         log.info("training on %s (autocast %s): %s", device, amp_dtype, data.split_info)
         train_idx = np.flatnonzero(~data.is_val)
@@ -206,11 +235,6 @@ class _TrainingRun:
             raise DataError(
                 f"{len(train_idx)} training item(s) cannot be shared by {ctx.world_size} processes"
             )
-        loader_kw = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-        val_loader = None
-        if len(val_idx):
-            val_batches = global_batches(len(val_idx), cfg.batch_size, False)
-            val_loader = rank_loader(ItemDataset(data, val_idx), val_batches, ctx, loader_kw)
         return cls(
             data=data,
             ctx=ctx,
@@ -223,9 +247,9 @@ class _TrainingRun:
             seed=seed,
             fingerprint=run_fingerprint(model_cfg, cfg, seed, plates, data),
             train_idx=train_idx,
-            train_set=ItemDataset(data, train_idx),
-            val_loader=val_loader,
-            loader_kw=loader_kw,
+            # validation in item order, all items (a short last batch is fine in evaluation)
+            val_batches=[val_idx[b].tolist() for b in global_batches(len(val_idx), cfg.batch_size, False)],
+            batches=batches,
             # Drop a last partial batch: contrastive loss and BatchNorm need > 1 item per batch.
             drop_last=len(train_idx) > cfg.batch_size,
             stop_after_epochs=stop_after_epochs,
@@ -359,15 +383,15 @@ def _train_epoch(
 ) -> None:
     """One training pass, the schedule step, one validation pass; then the resume state is saved."""
     order = epoch_order(len(run.train_idx), run.seed, stage, epoch)
-    batches = global_batches(len(run.train_idx), run.cfg.batch_size, run.drop_last, order)
-    loader, counts = rank_loader(run.train_set, batches, run.ctx, run.loader_kw)
+    positions = global_batches(len(run.train_idx), run.cfg.batch_size, run.drop_last, order)
+    items, counts = run.batches.start_pass([run.train_idx[b].tolist() for b in positions])
     desc = f"stage {stage} epoch {epoch + 1}/{n_epochs}"
-    tr = run_epoch(setup, iter(loader), counts, trainer.optimizer, trainer.scaler, desc=f"{desc} train")
+    tr = run_epoch(setup, items, counts, trainer.optimizer, trainer.scaler, desc=f"{desc} train")
     trainer.scheduler.step()
     va = None
-    if run.val_loader is not None:
-        loader, counts = run.val_loader
-        va = run_epoch(setup, iter(loader), counts, desc=f"stage {stage} epoch {epoch + 1} val")
+    if run.val_batches:
+        items, counts = run.batches.start_pass(run.val_batches)
+        va = run_epoch(setup, items, counts, desc=f"stage {stage} epoch {epoch + 1} val")
     for split, row in (("train", tr), ("validation", va)):
         if row is not None:
             progress.history.append({"stage": stage, "epoch": epoch + 1, "split": split, **row})
@@ -400,8 +424,11 @@ def _run(args) -> None:
     rank, _, _, local_world = launched_world()
     if rank > 0:  # under torchrun: one voice in the log
         logging.getLogger().setLevel(logging.WARNING)
-    if args.threads:  # the job's threads are shared by the processes torchrun started on this node
-        torch.set_num_threads(max(1, args.threads // local_world))
+    # The job's cores (--threads, the rule's threads:) are shared by the processes torchrun started
+    # on this node; each process's share bounds its compute threads and its DataLoader workers.
+    cores = max(1, args.threads // local_world) if args.threads else None
+    if cores:
+        torch.set_num_threads(cores)
     level = TrainConfig.from_dict(train_options).level
     if level == "auto":  # cell crops when they exist for every plate, else site tiles
         have_cells = args.cells_dir is not None and all(
@@ -423,6 +450,7 @@ def _run(args) -> None:
         targets_dir=targets_dir,
         seed=seed,
         resume=not args.no_resume,
+        cores=cores,
     )
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
 
@@ -442,7 +470,12 @@ def register_cli(subparsers) -> None:
     p.add_argument(
         "--config-json", help="JSON (inline or a file) with 'model', 'train', 'seed'; overrides --configfile"
     )
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="the job's CPU cores: torch threads and DataLoader workers share them (default: all this "
+        "process may use; torch picks its threads)",
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed (default: config 'seed' or 0)")
     p.add_argument("--no-resume", action="store_true", help="ignore saved state in OUT/state and start over")
     p.add_argument("--out", required=True, help="output folder model/<name>/")

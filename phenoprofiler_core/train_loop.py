@@ -19,6 +19,7 @@ from torch import nn
 from .distributed import DistContext, gather_rows
 from .model import LossWeights, PhenoProfilerModel, combine_losses, compute_losses
 from .train_config import TrainConfig
+from .train_loader import batch_to_device
 
 LOSS_NAMES = ("loss", "mse", "ce", "contrastive")
 
@@ -79,14 +80,6 @@ class EpochSetup:
     device: torch.device
     amp_dtype: torch.dtype | None
     ctx: DistContext
-
-
-def _to_device(batch, device: torch.device):
-    images, targets, labels = batch
-    images = images.to(device, non_blocking=True)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, targets.to(device), labels.to(device)
 
 
 def _empty_shard(model: PhenoProfilerModel, device: torch.device):
@@ -157,7 +150,7 @@ def run_epoch(
     with nullcontext() if training else torch.inference_mode():
         for shard_counts in bar:
             # a short last evaluation batch can leave a rank without items
-            batch = _to_device(next(batches), setup.device) if shard_counts[setup.ctx.rank] > 0 else None
+            batch = batch_to_device(next(batches), setup.device) if shard_counts[setup.ctx.rank] > 0 else None
             with autocast:
                 if setup.ctx.active:
                     parts = _global_losses(setup, batch, shard_counts, training)

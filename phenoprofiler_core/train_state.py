@@ -45,8 +45,9 @@ def run_fingerprint(
 ) -> str:
     """sha256 of everything that decides the weights: saved state with another fingerprint is not
     resumed.  train.distributed is left out: N processes train the same model as one, so a job
-    killed on 4 GPUs may resume on 2 (dropout draws differ, see phenoprofiler_core.distributed)."""
-    train_key = {k: v for k, v in cfg.to_dict().items() if k != "distributed"}
+    killed on 4 GPUs may resume on 2 (dropout draws differ, see phenoprofiler_core.distributed);
+    train.num_workers too: the worker count changes neither batches nor random streams."""
+    train_key = {k: v for k, v in cfg.to_dict().items() if k not in ("distributed", "num_workers")}
     described = {
         "model": model_cfg.to_dict(),
         "train": train_key,
