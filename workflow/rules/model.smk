@@ -18,7 +18,9 @@ rule train:
         f"{RESULTS}/benchmarks/train/{MODEL_NAME}.tsv"
     conda:
         "../../envs/model.yaml"
-    threads: 8
+    # Each training process needs a core for compute (all of its share on CPU) plus one per
+    # DataLoader worker; --threads hands the share to the processes (config/README.md, train).
+    threads: max(8, TRAIN_PROCESSES * (config["train"]["num_workers"] + 1))
     resources:
         mem_mb=32000,
         runtime=24 * 60,
