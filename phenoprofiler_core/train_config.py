@@ -42,6 +42,11 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"
     num_workers: int = 0
+    # a site the teacher has no target for (the targets stage skips sites with no cells): stop, or leave it out
+    missing_targets: str = "error"
+    # z-score each target feature on the training split (hand-crafted features of mixed scales), or regress
+    # the raw values (the paper's CNN-1 embedding medians)
+    standardize_targets: bool = True
     distributed: dict[str, Any] = field(default_factory=lambda: dict(DISTRIBUTED_DEFAULTS))
 
     @classmethod
@@ -98,6 +103,10 @@ def _checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
             "train.epochs_stage1/epochs_stage2 must be >= 0",
         ),
         (all(w >= 0 for w in weights.values()), f"train.loss_weights must be >= 0, got {weights}"),
+        (
+            cfg.missing_targets in ("error", "skip"),
+            f"train.missing_targets must be 'error' or 'skip', got {cfg.missing_targets!r}",
+        ),
         (
             isinstance(cfg.num_workers, int) and cfg.num_workers >= 0,
             f"train.num_workers must be an integer >= 0, got {cfg.num_workers!r}",

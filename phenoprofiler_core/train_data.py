@@ -8,6 +8,7 @@ never by site within a well (sites of a well are near-replicates; splitting them
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ import pandas as pd
 
 from .errors import ConfigError, DataError
 from .train_config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 SITE_KEYS = ["Metadata_Plate", "Metadata_Well", "Metadata_Site"]
 # Columns that name an item's class for the cross-entropy head, in order of preference.
@@ -212,25 +215,44 @@ def _open_plates(
     return images, items
 
 
-def _attach_targets(items: pd.DataFrame, target_table: pd.DataFrame, level: str) -> pd.DataFrame:
-    """Every item with its site's target row; an item without one is an error naming the site."""
+def _attach_targets(
+    items: pd.DataFrame, target_table: pd.DataFrame, level: str, missing: str = "error"
+) -> tuple[pd.DataFrame, int]:
+    """(every item with its site's target row, number of items left out).
+
+    An item without a target row is an error naming the site, or with ``missing='skip'`` (train.missing_
+    targets) it is left out and counted: the teacher has no target for a site without cells.
+    """
     merged = items.merge(target_table, on=SITE_KEYS, how="left", indicator=True, validate="many_to_one")
     absent = merged["_merge"] != "both"
-    if absent.any():
-        rows = merged.loc[absent, SITE_KEYS].drop_duplicates()
+    if not absent.any():
+        return merged, 0
+    rows = merged.loc[absent, SITE_KEYS].drop_duplicates()
+    example = f"e.g. (plate, well, site) {rows.head(3).values.tolist()}"
+    if missing != "skip":
         raise DataError(
-            f"{int(absent.sum())} {level}(s) have no regression target row, e.g. (plate, well, site) "
-            f"{rows.head(3).values.tolist()}"
+            f"{int(absent.sum())} {level}(s) have no regression target row, {example} "
+            "(train.missing_targets: skip leaves them out)"
         )
-    return merged
+    kept = merged.loc[~absent].reset_index(drop=True)
+    if kept.empty:
+        raise DataError(f"no {level} has a regression target row ({example})")
+    log.warning(
+        "%d %s(s) without a regression target left out of training, %s", int(absent.sum()), level, example
+    )
+    return kept, int(absent.sum())
 
 
 def _standardize_targets(
-    merged: pd.DataFrame, feature_cols: list[str], is_val: np.ndarray
+    merged: pd.DataFrame, feature_cols: list[str], is_val: np.ndarray, standardize: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(z-scored float32 targets, mean, std): statistics from the training split only, one row per
-    site (cells share their site's target); constant or all-NaN features become 0."""
+    site (cells share their site's target); constant or all-NaN features become 0.  With
+    ``standardize=False`` the raw values (NaN → 0), mean 0 and std 1."""
     values = merged[feature_cols].to_numpy(dtype=np.float64)
+    if not standardize:
+        ones = np.ones(len(feature_cols))
+        return np.nan_to_num(values, nan=0.0).astype(np.float32), ones * 0.0, ones
     train_sites = merged.loc[~is_val].drop_duplicates(SITE_KEYS)
     fit = train_sites[feature_cols].to_numpy(dtype=np.float64)
     with np.errstate(all="ignore"):
@@ -249,17 +271,22 @@ def load_training_data(
     images, items = _open_plates(images_dir, plates, cfg.level)
     label_col = items.attrs["label_column"]
     feature_cols = [c for c in target_table.columns if c not in SITE_KEYS]
-    merged = _attach_targets(items, target_table, cfg.level)
+    merged, n_without_target = _attach_targets(items, target_table, cfg.level, cfg.missing_targets)
     is_val, split_info = choose_validation(merged, cfg, seed)
     if (~is_val).sum() < 2:
         raise DataError(
             f"only {(~is_val).sum()} training item(s) after the {cfg.split} split; need at least 2"
         )
-    standardized, mean, std = _standardize_targets(merged, feature_cols, is_val)
+    standardized, mean, std = _standardize_targets(merged, feature_cols, is_val, cfg.standardize_targets)
     classes = sorted(merged["_label"].unique())
     class_index = {c: i for i, c in enumerate(classes)}
     channels, size = next(iter(images.values())).shape[1:3]
-    split_info.update(n_train=int((~is_val).sum()), n_validation=int(is_val.sum()), label_column=label_col)
+    split_info.update(
+        n_train=int((~is_val).sum()),
+        n_validation=int(is_val.sum()),
+        label_column=label_col,
+        n_without_target=n_without_target,
+    )
     return TrainingData(
         images=images,
         plate_of=merged["_file"].to_numpy(),

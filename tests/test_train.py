@@ -464,3 +464,24 @@ def test_paper_learning_rate_milestones():
         TrainConfig.from_dict({"lr_step": 5}),
     )
     assert isinstance(plain, torch.optim.lr_scheduler.StepLR)
+
+
+def test_sites_without_a_teacher_target_are_skipped_and_counted_when_asked(plates):
+    """The targets stage skips sites with no cells; train.missing_targets: skip leaves exactly those out."""
+    table = pd.read_parquet(plates / "classic" / "P2.parquet")
+    table.iloc[2:].to_parquet(plates / "classic" / "P2.parquet")  # P2's first two sites: no target
+    data, _ = _items(plates, missing_targets="skip")
+    assert data.split_info["n_without_target"] == 2
+    assert len(data.plate_of) == 2 * 4 * 2 - 2  # 2 plates x 4 wells x 2 sites, minus the two
+    kept = set(zip(data.plate_of, data.row_of))
+    assert ("P2", 0) not in kept and ("P2", 1) not in kept and ("P2", 2) in kept
+
+
+def test_raw_targets_are_regressed_as_given_when_not_standardized(plates):
+    targets = pd.concat(pd.read_parquet(plates / "classic" / f"{p}.parquet") for p in ("P1", "P2"))
+    data, _ = _items(plates, standardize_targets=False)
+    first = targets.set_index(KEYS).loc[("P1", "A01", 1)].to_numpy(dtype=np.float32)
+    # the items come plate by plate, site rows in tile order: item 0 is P1 A01 site 1
+    assert data.plate_of[0] == "P1" and data.row_of[0] == 0
+    np.testing.assert_array_equal(data.targets[0], first)
+    assert np.all(data.target_mean == 0) and np.all(data.target_std == 1)
