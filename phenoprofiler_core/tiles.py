@@ -227,13 +227,24 @@ class CacheBound:
     def write_back(self, upto: int) -> None:
         getattr(os, "fdatasync", os.fsync)(self.fd)
         self.unsynced, self.synced_to = 0, max(self.synced_to, upto)
-        self.forget(0, upto)
+        self.forget(upto)
 
-    def forget(self, start: int, end: int) -> None:
-        """Drop [start, end) from the cache where it is on disk (pages not written back stay)."""
-        end = min(end, self.synced_to)
-        if end > start and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
+    def end_pass(self, upto: int) -> None:
+        """A pass over the file ended.  If it outgrew the window, write it all back now: the next pass
+        starts over from the first site and would otherwise hold this pass's last window besides its
+        own.  A file that never outgrew it stays in the cache, to be read back from memory."""
+        if self.synced_to:
+            self.write_back(upto)
+
+    def forget(self, upto: int) -> None:
+        """Drop everything before ``upto`` that is on disk from the cache.
+
+        Always from the start of the file: pages another thread holds for a moment (being read, in a
+        CPU's LRU batch) survive one ``DONTNEED`` — 1 page in 8 when two threads read a file — and
+        are dropped on the next call instead of piling up; over an emptied range the call is cheap."""
+        upto = min(upto, self.synced_to)
+        if upto > 0 and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, 0, upto, os.POSIX_FADV_DONTNEED)
 
 
 class PlateStore:
@@ -300,9 +311,15 @@ class PlateStore:
         if self.tail:
             self.side_cache.wrote(planes * self.tail, self._tail_at(stop))
 
+    def end_decode_pass(self) -> None:
+        """Every site is stored: see :meth:`CacheBound.end_pass`."""
+        self.out_cache.end_pass(self._head_at(self.shape[0]))
+        if self.tail:
+            self.side_cache.end_pass(self._tail_at(self.shape[0]))
+
     def read(self, start: int, stop: int) -> None:
         """Sites [start, stop) were read back (histogram pass): drop what is on disk already."""
-        self.out_cache.forget(self._head_at(start), self._head_at(stop))
+        self.out_cache.forget(self._head_at(stop))
         self.rescaled(start, stop, wrote=False)
 
     def rescaled(self, start: int, stop: int, *, wrote: bool = True) -> None:
@@ -310,7 +327,7 @@ class PlateStore:
         if wrote:
             self.out_cache.wrote(self._head_at(stop) - self._head_at(start), self._head_at(stop))
         if self.tail:
-            self.side_cache.forget(self._tail_at(start), self._tail_at(stop))
+            self.side_cache.forget(self._tail_at(stop))
 
     def finish(self) -> None:
         """Every final tile is written: put the output on disk (before its rename) and out of the cache."""
@@ -443,6 +460,7 @@ def assemble_tiles(
                 store.stored,
                 bar,
             )
+            store.end_decode_pass()
             histogram = counter if known else counter.histogram()
             if not known:
                 bar.reset()
