@@ -213,8 +213,8 @@ class CacheBound:
     A cgroup (a SLURM job) is charged for the page cache of the files its processes write, dirty
     pages cannot be reclaimed without a write-back, and clean ones only under pressure."""
 
-    def __init__(self, fd: int, window: int = WRITE_BACK_BYTES) -> None:
-        self.fd, self.window = fd, window
+    def __init__(self, fd: int, window: int | None = None) -> None:
+        self.fd, self.window = fd, WRITE_BACK_BYTES if window is None else window
         self.unsynced = 0  # bytes written since the last write-back
         self.synced_to = 0  # every byte before this offset is on disk
 
