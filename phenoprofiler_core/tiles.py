@@ -19,10 +19,11 @@ Why exact float32 and not float16 tiles rescaled in place: a float16 intermediat
 the final float16 values (by up to 4.9e-4) against rescaling the exact float32 values, on the demo
 and on full 1080² LINCS sites alike.  Why not decode twice: decoding is most of the work (30 ms for a
 1080² PNG against ~10 ms for divide + resize + histogram), so a second decode would double the time.
-So each float32 pixel is split into its bytes: as many as the final dtype has go where the final pixel
-will be, in the output file itself; the rest go to a hidden side file beside it (2 bytes per pixel for
-float16/uint16, 3 for uint8, none for float32).  The disk holds 4 bytes per pixel while the rule
-runs — less than the float32 scratch plus output it replaces — and the final dtype after it.
+So the exact values are kept on disk in the space the output needs anyway plus a hidden side file:
+of each float32 plane's bytes, the output dtype's share (half for float16/uint16, a quarter for uint8,
+all for float32) goes where that plane's final tile will be, the rest to the side file.  The disk
+holds 4 bytes per pixel while the rule runs — less than the float32 scratch plus output it replaces —
+and the final dtype after it.
 
 Nothing is memory-mapped: files are written and read at offsets through their descriptors, and once
 ``WRITE_BACK_BYTES`` have been written to a file since the last write-back it is written back
