@@ -1,12 +1,12 @@
 """Image-stage scaling: wall time and peak memory of each image stage at 1x and 4x the sites.
 
-    python bench/scale_images.py [--sites 8] [--factor 4] [--threads 2] [--no-embed]
+    python bench/scale_images.py [--sites 12] [--factor 4] [--threads 2] [--no-embed]
 
 A synthetic plate at real pixel sizes (1080² 16-bit TIFF sources like cpg0004, 5 channels, 448² tiles)
 runs through illumination, tiles, cells, classic and embed (a small untrained model, eager) at ``sites``
 and ``factor × sites`` sites.  Each stage runs alone in a fresh process (imports excluded from the
 time), so its peak memory is its own: the peak over 20 ms samples of resident memory (anonymous and
-file-backed mapped pages, ``/proc/self/smaps_rollup`` Rss) plus the page cache of the files the stage
+file-backed mapped pages, ``/proc/self/statm``) plus the page cache of the files the stage
 writes (``mincore``), which a cgroup also charges to the job.  Source-image page cache is not counted
 (clean, shared with every image rule, reclaimable).
 
@@ -120,9 +120,9 @@ def cached_bytes(path):
 
 
 def rss_bytes():
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith("Rss:"):
-            return int(line.split()[1]) * 1024
+    # resident pages: anonymous + file-backed mapped + shmem (what smaps_rollup's Rss sums, but O(1):
+    # smaps_rollup walks every mapping and would take a core's worth of CPU at this sampling rate)
+    return int(Path("/proc/self/statm").read_text().split()[1]) * mmap.PAGESIZE
 
 
 stage, manifest_path, work, threads = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
@@ -199,7 +199,7 @@ def run_stage(stage: str, manifest: Path, work: Path, threads: int) -> dict:
 
 
 def image_stage_rows(
-    *, sites: int = 8, factor: int = 4, threads: int = 2, embed: bool = True, folder: Path | None = None
+    *, sites: int = 12, factor: int = 4, threads: int = 2, embed: bool = True, folder: Path | None = None
 ) -> list[dict]:
     """Rows ``{stage, size, sites, wall_s, peak_mb}`` for every stage at 1x and ``factor``x sites, then
     one ``{stage, size: "growth", time_per_site_ratio, peak_ratio}`` row per stage."""
@@ -238,7 +238,7 @@ def image_stage_rows(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sites", type=int, default=8, help="sites of the 1x plate")
+    parser.add_argument("--sites", type=int, default=12, help="sites of the 1x plate")
     parser.add_argument("--factor", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2, help="threads/workers of every stage (rules: 2)")
     parser.add_argument("--no-embed", action="store_true", help="skip the embed stage")

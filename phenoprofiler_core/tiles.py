@@ -258,7 +258,7 @@ class PlateStore:
     different sites at once, and no page of either file is ever mapped.
     """
 
-    def __init__(self, path: Path, shape: tuple[int, int, int, int], dtype: str) -> None:
+    def __init__(self, path: Path, shape: tuple[int, int, int, int], dtype: str, *, side_prefix: str) -> None:
         self.shape, self.dtype = tuple(int(s) for s in shape), np.dtype(dtype)
         plane_pixels = self.shape[2] * self.shape[3]
         self.head = plane_pixels * self.dtype.itemsize  # bytes of a float32 plane kept in the output
@@ -271,7 +271,7 @@ class PlateStore:
             self.offset = len(header)
             self.out_cache = CacheBound(self.fd)
             if self.tail:
-                fd, side = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".side", dir=path.parent)
+                fd, side = tempfile.mkstemp(prefix=side_prefix, suffix=".side", dir=path.parent)
                 self.side_fd, self.side_path = fd, Path(side)
                 self.side_cache = CacheBound(fd)
         except BaseException:
@@ -397,6 +397,17 @@ def _in_batches(
 # ----------------------------------------------------------------------------- the stage
 
 
+def _remove_leftovers(out_npy: Path) -> None:
+    """Delete the hidden files a killed run of this plate left: its temporary output and side file
+    (``.<name>.*``: random names, so a rerun would never reuse them; a full plate's are 13.9 GB).
+    Snakemake's lock keeps two runs of the same output from overlapping."""
+    for leftover in out_npy.parent.glob(f".{out_npy.name}.*"):
+        log.warning(
+            "removing %s (%.0f MB) left by an interrupted run", leftover, leftover.stat().st_size / 2**20
+        )
+        leftover.unlink(missing_ok=True)
+
+
 def assemble_tiles(
     manifest: pd.DataFrame,
     channels: list[str],
@@ -449,9 +460,11 @@ def assemble_tiles(
     def rescale_site(store: PlateStore, low: np.ndarray, high: np.ndarray, site: int) -> None:
         store.put_final_site(site, rescale(store.get_site(site)[None], low, high, dtype)[0])
 
+    out_npy.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out_npy)
     bar = tqdm(total=n, desc=f"tiles {stem}", unit="site", disable=not progress)
     with atomic_path(out_npy) as tmp, thread_budget(threads) as pool:
-        store = PlateStore(tmp, (n, c, size, size), dtype)
+        store = PlateStore(tmp, (n, c, size, size), dtype, side_prefix=f".{out_npy.name}.")
         try:
             _in_batches(
                 pool,

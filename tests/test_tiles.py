@@ -233,3 +233,19 @@ def test_stored_tiles_are_the_exact_rescale_of_the_corrected_pixels(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["img", "illum", "P1.npy", "P1.sites.parquet", "P1.rescale.json"]
     )
+
+
+def test_leftovers_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
+    """A killed run leaves its hidden temporary output and side file under random names (up to 4
+    bytes per pixel of the plate); the next run of the same plate deletes them, and only them."""
+    manifest = make_plate(tmp_path / "img", n_sites=2)
+    out = tmp_path / "tiles" / "P1.npy"
+    out.parent.mkdir()
+    stale = [out.parent / ".P1.npy.k3j2h1.tmp.npy", out.parent / ".P1.npy.q8w7e6.side"]
+    unrelated = [out.parent / ".P2.npy.a1b2c3.side", out.parent / ".P1.sites.parquet.x1y2.tmp.parquet"]
+    for path in stale + unrelated:
+        path.write_bytes(b"\0" * 1000)
+    assemble_tiles(manifest, CHANNELS, out, size=32, progress=False)
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(
+        ["P1.npy", "P1.sites.parquet", "P1.rescale.json"] + [p.name for p in unrelated]
+    )

@@ -3,8 +3,9 @@ sites, in the fast suite) and against a full 384-well × 9-site plate (3,456 sit
 
 What is measured is what a cgroup (a SLURM job's memory limit) charges to the job for this stage:
 
-* the process's resident memory, anonymous *and* file-backed mapped pages: ``Rss`` of
-  ``/proc/self/smaps_rollup``, sampled every 20 ms, and the kernel's own high-water mark ``VmHWM``;
+* the process's resident memory, anonymous *and* file-backed mapped pages (``/proc/self/statm``
+  resident, the sum ``smaps_rollup`` reports as Rss), sampled every 20 ms, and the kernel's own
+  high-water mark ``VmHWM``;
 * plus the page cache of the files the stage writes (output, temporaries) — a cgroup charges those to
   the job, and dirty ones cannot be reclaimed without a write-back.  Counted with ``mincore(2)`` over
   every file in the output folder at each sample.
@@ -67,9 +68,9 @@ def cached_bytes(path):
 
 
 def rss_bytes():
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith("Rss:"):
-            return int(line.split()[1]) * 1024
+    # resident pages: anonymous + file-backed mapped + shmem (what smaps_rollup's Rss sums, but O(1):
+    # smaps_rollup walks every mapping and would take a core's worth of CPU at this sampling rate)
+    return int(Path("/proc/self/statm").read_text().split()[1]) * mmap.PAGESIZE
 
 
 manifest = pd.read_parquet(sys.argv[1])
