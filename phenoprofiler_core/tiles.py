@@ -60,8 +60,8 @@ log = logging.getLogger(__name__)
 HISTOGRAM_BINS = 65536  # percentile resolution: (max - min) / 65536 per channel
 DTYPE_SCALE = {"float16": None, "float32": None, "uint8": 255, "uint16": 65535}
 # Page cache one tile file may hold before it is written back and dropped: large enough that a small
-# plate's intermediate is read back from memory, small next to the rule's mem_mb.
-WRITE_BACK_BYTES = 64 << 20
+# plate (up to 16 sites of 5 x 448² float16) is read back from memory, small next to the rule's mem_mb.
+WRITE_BACK_BYTES = 32 << 20
 
 
 def resize_stack(stack: np.ndarray, size: int) -> np.ndarray:

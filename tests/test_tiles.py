@@ -203,7 +203,7 @@ def test_threads_is_the_number_of_threads_doing_the_work(tmp_path, full_size_man
 def test_stored_tiles_are_the_exact_rescale_of_the_corrected_pixels(tmp_path, monkeypatch, dtype, window):
     """Bit for bit: the plate's float32 values survive the decode pass exactly (a float16 intermediate
     would move ~1 value in 4 by one step), also when the files are written back and dropped from
-    the page cache every page (window 4096 bytes) instead of every 64 MiB."""
+    the page cache every page (window 4096 bytes) instead of every 32 MiB."""
     import phenoprofiler_core.tiles as tiles_module
 
     if window is not None:
