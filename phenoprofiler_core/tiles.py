@@ -350,19 +350,19 @@ class PlateStore:
 
 @contextlib.contextmanager
 def thread_budget(threads: int) -> Iterator[ThreadPoolExecutor]:
-    """A pool of ``threads`` workers, each single-threaded inside (torch intra-op, BLAS/OpenMP pools):
-    the stage then runs exactly ``threads`` busy threads, the number the rule declares.
+    """A pool of ``threads`` workers, each single-threaded inside: the stage then runs exactly
+    ``threads`` busy threads, the number the rule declares.  Torch is the only library here with a
+    pool of its own (interpolate, the rescale); numpy's element-wise work and PIL decode in the
+    calling thread, and so does tifffile for contiguous TIFFs (it adds threads of its own only for
+    compressed or many-segment files; ``io.read_image`` does not limit them).
 
     The pool is shut down (queued work cancelled, running work waited for) before the caller closes
     the files the workers write to."""
-    from threadpoolctl import threadpool_limits
-
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # read by each new thread on its first torch op
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tiles")
     try:
-        with threadpool_limits(limits=1):
-            yield pool
+        yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(previous)
