@@ -13,53 +13,6 @@ import pytest
 
 BIN = str(Path(sys.executable).parent)
 
-PEAK_SCRIPT = r"""
-import resource, sys
-import pandas as pd
-from phenoprofiler_core.tiles import assemble_tiles
-manifest = pd.read_parquet(sys.argv[1])
-channels = [c[5:] for c in manifest.columns if c.startswith("Path_")]
-assemble_tiles(manifest, channels, sys.argv[2], size=128, batch_size=4, progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"""
-
-
-def _plate(folder: Path, n_sites: int) -> Path:
-    """A manifest of n_sites 5-channel 512² 16-bit sites (files are reused: memory is what's measured)."""
-    from helpers import cell_image, save
-
-    channels = ["DNA", "ER", "RNA", "AGP", "Mito"]
-    files = [save(cell_image((512, 512), seed=k, n_cells=40), folder / f"img{k}.tif") for k in range(10)]
-    rows = []
-    for s in range(n_sites):
-        row = {"Metadata_Plate": "P", "Metadata_Well": f"A{s % 24 + 1:02d}", "Metadata_Site": s // 24 + 1}
-        for k, ch in enumerate(channels):
-            row[f"Path_{ch}"] = str(files[(s + k) % len(files)])
-        rows.append(row)
-    path = folder / f"manifest{n_sites}.parquet"
-    pd.DataFrame(rows).to_parquet(path)
-    return path
-
-
-def _peak_rss_mb(manifest: Path, out: Path) -> float:
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    result = subprocess.run(
-        [sys.executable, "-c", PEAK_SCRIPT, str(manifest), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(result.stdout.strip().splitlines()[-1]) / 1024
-
-
-def test_tile_memory_is_flat_when_the_plate_grows_4x(tmp_path):
-    small = _peak_rss_mb(_plate(tmp_path, 24), tmp_path / "small.npy")
-    large = _peak_rss_mb(_plate(tmp_path, 96), tmp_path / "large.npy")
-    print(f"peak RSS: 24 sites {small:.0f} MB, 96 sites {large:.0f} MB (ratio {large / small:.2f})")
-    # output for 96 sites is 96*5*128*128*2 B = 15 MB; a whole-plate buffer of the 512² inputs would be 500 MB
-    assert large < small * 1.25 + 30, (small, large)
-
 
 def _start(repo_root, args, log: Path) -> subprocess.Popen:
     """Start Snakemake in its own process group, its output going to ``log`` (a pipe nobody reads
