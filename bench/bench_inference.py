@@ -17,12 +17,16 @@ folding is not trivially exact), the same input batch and the same number of thr
   compiled bf16  ``embed.precision: bf16`` when it compiles
 Rounds are interleaved, and the order rotates every round, so load from other processes and
 allocator state hit all variants alike; each variant is warmed up twice first; the median over
-rounds is reported with the range.  Uses CUDA when present, else CPU.
+rounds is reported with the range.  Besides wall-clock time the process's CPU time per site is
+printed (CPU only): on a machine shared with other jobs it is far steadier than wall time.
+Uses CUDA when present, else CPU.
 
 ``--break-even`` also measures compile time in fresh processes, cold (empty TorchInductor cache)
 and warm (the cache a previous job filled, as jobs of one run share it), and prints
 break-even = compile time / (eager − compiled seconds per site): the plate size from which
-``embed.compile: auto`` should compile on this device.
+``embed.compile: auto`` should compile on this device.  It is given from wall-clock times and
+from CPU times; the probes compile in one thread (TORCHINDUCTOR_COMPILE_THREADS=1) so that the C++
+builds are waited-for child processes whose CPU time is counted.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -87,28 +92,33 @@ def embed_call(runner: InferenceRunner, x_cl: torch.Tensor, device: torch.device
             return runner(x_cl).float()
 
 
+def cpu_time() -> float:
+    """CPU seconds of this process (all threads) and of its finished child processes (C++ builds)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def compile_probe(args) -> None:
     """Child process: compile time of ``embed``'s compiled fp32 path = first call − second call."""
     device = torch.device(args.device)
     model, x = build(args, device)
     runner = InferenceRunner(inference_model(model).to(device), compile=True, batch_size=args.batch)
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    times = []
+    wall, cpu = [], []
     for _ in range(2):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), cpu_time()
         embed_call(runner, x_cl, device, None)
         _sync(device)
-        times.append(time.perf_counter() - start)
-    print(
-        json.dumps(
-            {
-                "compile_s": times[0] - times[1],
-                "compiled": runner.is_compiled,
-                "cache_counts": runner.cache_counts,
-                "fallback": runner.fallback,
-            }
-        )
-    )
+        wall.append(time.perf_counter() - start)
+        cpu.append(cpu_time() - start_cpu)
+    record = {
+        "compile_s": wall[0] - wall[1],
+        "compile_cpu_s": cpu[0] - cpu[1],
+        "compiled": runner.is_compiled,
+        "cache_counts": runner.cache_counts,
+        "fallback": runner.fallback,
+    }
+    print(json.dumps(record))
 
 
 def run_probe(args, cache_dir: str) -> dict:
@@ -116,9 +126,18 @@ def run_probe(args, cache_dir: str) -> dict:
     command += ["--backbone", args.backbone, "--input-size", str(args.input_size), "--ffn", str(args.ffn)]
     command += ["--size", str(args.size), "--batch", str(args.batch), "--channels", str(args.channels)]
     command += ["--threads", str(torch.get_num_threads())]
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
-    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir, TORCHINDUCTOR_COMPILE_THREADS="1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"compile probe failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def load_average() -> str:
+    try:
+        return "load " + "/".join(f"{v:.1f}" for v in os.getloadavg()) + f" on {os.cpu_count()} CPUs"
+    except OSError:
+        return "load unknown"
 
 
 def main() -> None:
@@ -131,6 +150,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="images per batch (embed.batch_size default)")
     parser.add_argument("--channels", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per variant, interleaved (>= 7)")
+    parser.add_argument("--warm-probes", type=int, default=2, help="--break-even: warm-cache compile probes")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 variants")
     parser.add_argument(
@@ -183,32 +203,39 @@ def main() -> None:
         _sync(device)
     names = list(variants)
     times = {k: [] for k in names}
+    cpu_times = {k: [] for k in names}
+    load_before = load_average()
     for r in range(args.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             variants[name]()
             _sync(device)
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - start_cpu)
 
     print(
         f"device: {device} ({torch.get_num_threads()} threads for every variant), torch {torch.__version__}, "
         f"{args.backbone}, batch {args.batch} × {args.channels}×{args.size}², model input {args.input_size}², "
-        f"median of {args.rounds} interleaved rounds (order rotating)"
+        f"median of {args.rounds} interleaved rounds (order rotating); {load_before} before, "
+        f"{load_average()} after"
     )
-    base = statistics.median(times["plain"])
-    per_site = {}
+    base, base_cpu = statistics.median(times["plain"]), statistics.median(cpu_times["plain"])
+    per_site, per_site_cpu = {}, {}
     for name in names:
-        median = statistics.median(times[name])
-        per_site[name] = median / args.batch
+        median, median_cpu = statistics.median(times[name]), statistics.median(cpu_times[name])
+        per_site[name], per_site_cpu[name] = median / args.batch, median_cpu / args.batch
         diff = (outputs[name] - outputs["plain"]).abs().max().item()
         spread = f"[{args.batch / max(times[name]):.2f}–{args.batch / min(times[name]):.2f}]"
+        cpu = ""
+        if device.type == "cpu":
+            cpu = f"   CPU {per_site_cpu[name] * 1e3:6.1f} ms/site ×{base_cpu / median_cpu:5.2f}"
         fallback = runners.get(name, (None,))[0]
-        note = (
-            f"  (compile failed: {fallback.fallback})" if fallback is not None and fallback.fallback else ""
-        )
+        note = ""
+        if fallback is not None and fallback.fallback:
+            note = f"  (compile failed: {fallback.fallback})"
         print(
             f"{name:14s} {args.batch / median:8.2f} sites/s {spread:>15s}  ×{base / median:5.2f} vs plain fp32"
-            f"   max|Δ| vs plain = {diff:.1e}{note}"
+            f"{cpu}   max|Δ| vs plain = {diff:.1e}{note}"
         )
     for name in ("compiled fp32", "compiled bf16"):
         if name in first_call:
@@ -218,20 +245,24 @@ def main() -> None:
             )
 
     if args.break_even and "compiled fp32" in per_site:
-        saving = per_site["eager fp32"] - per_site["compiled fp32"]
         with tempfile.TemporaryDirectory(prefix="inductor-bench-") as cache:
             probes = [("cold", run_probe(args, cache))]
-            probes += [(f"warm {i + 1}", run_probe(args, cache)) for i in range(2)]
-        print(
-            f"break-even (fp32): eager {per_site['eager fp32'] * 1e3:.1f} ms/site, compiled "
-            f"{per_site['compiled fp32'] * 1e3:.1f} ms/site, saving {saving * 1e3:.1f} ms/site"
-        )
-        for label, probe in probes:
-            sites = probe["compile_s"] / saving if saving > 0 else float("inf")
+            probes += [(f"warm {i + 1}", run_probe(args, cache)) for i in range(args.warm_probes)]
+        clocks = [("wall", per_site, "compile_s")]
+        if device.type == "cpu":
+            clocks.append(("CPU", per_site_cpu, "compile_cpu_s"))
+        for clock, site_s, key in clocks:
+            saving = site_s["eager fp32"] - site_s["compiled fp32"]
             print(
-                f"  {label:7s} compile {probe['compile_s']:6.1f} s in a fresh process "
-                f"(FX-graph cache {probe['cache_counts']}) → compiling pays from {sites:,.0f} sites"
+                f"break-even (fp32, {clock} time): eager {site_s['eager fp32'] * 1e3:.1f} ms/site, "
+                f"compiled {site_s['compiled fp32'] * 1e3:.1f} ms/site, saving {saving * 1e3:.1f} ms/site"
             )
+            for label, probe in probes:
+                sites = probe[key] / saving if saving > 0 else float("inf")
+                print(
+                    f"  {label:7s} compile {probe[key]:6.1f} s ({clock}; fresh process, FX-graph cache "
+                    f"{probe['cache_counts']}) → compiling pays from {sites:,.0f} sites"
+                )
 
 
 if __name__ == "__main__":
