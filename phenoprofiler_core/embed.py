@@ -57,12 +57,15 @@ from .train import (
 log = logging.getLogger(__name__)
 
 # embed.compile: auto compiles a job only when it embeds at least this many images on the device.
-# CPU: break-even of compile time against the per-image saving, measured with
-# ``bench/bench_inference.py --break-even`` (see config/README.md for the figures).
-# CUDA: not measured here (no GPU); convolutions already run in cuDNN, so the saving per image is
-# small against tens of seconds of compiling: off for any plate-sized job until bench/gpu_check.py
+# CPU: the break-even of a cold compile (empty cache) against the per-site saving for the paper's
+# ResNet50 at 448², measured with ``bench/bench_inference.py --break-even --threads 1``: 2,530 sites
+# by CPU time, 2,882 by wall time (warm cache: 420 / 566); figures in config/README.md.  A job
+# cannot know whether the shared cache will be warm (all jobs of a SLURM run start on an empty
+# one), so the rule is the cold figure, rounded up.  Small models gain little from compiling (the
+# demo's ResNet18 at 224²: 2 %, break-even > 70,000 sites), which the demo's 12-site plates never reach.
+# CUDA: not measured (no GPU was available); off for any plate-sized job until bench/gpu_check.py
 # has measured the break-even on the cluster's GPUs.
-DEFAULT_COMPILE_MIN_SITES: dict[str, int] = {"cpu": 2000, "cuda": 1_000_000}
+DEFAULT_COMPILE_MIN_SITES: dict[str, int] = {"cpu": 3000, "cuda": 1_000_000}
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -440,15 +443,19 @@ def build_model(
 def _process_age_s() -> float:
     """Seconds since this process started (Linux /proc), so start-up counts interpreter and imports.
 
-    Elsewhere: seconds since this module was imported (start-up then misses Python's own start).
+    Elsewhere, or where /proc disagrees with itself (a container whose /proc/uptime is its own but
+    whose start times are the host's): seconds since this module was imported, which misses the
+    interpreter's start and the imports before it.
     """
+    since_import = time.monotonic() - _MODULE_IMPORTED
     try:
         fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
         started_ticks = int(fields[19])  # field 22 (starttime); fields[0] is field 3 (state)
         uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(uptime - started_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+        age = uptime - started_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):
-        return time.monotonic() - _MODULE_IMPORTED
+        return since_import
+    return age if age >= since_import else since_import
 
 
 _MODULE_IMPORTED = time.monotonic()

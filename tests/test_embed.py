@@ -215,26 +215,30 @@ def test_failed_compile_falls_back_to_eager(plate, tmp_path, toolchain):
 
 @pytest.mark.slow
 def test_jobs_share_the_compile_cache(plate, tmp_path):
-    """Two compiled jobs on one --compile-cache: the first fills it, the second reuses its graph."""
+    """Compiled jobs on one --compile-cache: the first fills it, later ones reuse its graph, and a
+    model with other weights (another feature set) gets its own weights from the shared graph."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHINDUCTOR_", "TORCH_COMPILE"))}
     cache = tmp_path / "results" / ".cache" / "torchinductor"
-    eager = tmp_path / "eager.parquet"
-    assert cli.main(_embed_args(plate, eager, {"compile": "false"})) == 0
-    records = []
-    for job in ("first", "second"):
-        out = tmp_path / f"{job}.parquet"
-        result = _run_cli(
-            _embed_args(plate, out, {"compile": "true"}, "--compile-cache", str(cache)), env=env
-        )
+    records, features = {}, {}
+    for job, seed in (("first", "0"), ("second", "0"), ("other weights", "1")):
+        out = tmp_path / f"{job.replace(' ', '_')}.parquet"
+        args = _embed_args(plate, out, {"compile": "true"}, "--compile-cache", str(cache), "--seed", seed)
+        result = _run_cli(args, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
-        records.append(json.loads(default_stats_path(out).read_text()))
-        assert np.abs(_features(out) - _features(eager)).max() < 1e-4
-    first, second = records
-    assert first["compile"] and second["compile"]
-    assert first["compile_cache"] == second["compile_cache"] == str(cache.resolve())
+        records[job], features[job] = json.loads(default_stats_path(out).read_text()), _features(out)
+    for seed in ("0", "1"):
+        out = tmp_path / f"eager_{seed}.parquet"
+        assert cli.main(_embed_args(plate, out, {"compile": "false"}, "--seed", seed)) == 0
+        features[f"eager {seed}"] = _features(out)
+    assert all(r["compile"] and r["compile_cache"] == str(cache.resolve()) for r in records.values())
+    first, second, other = records["first"], records["second"], records["other weights"]
     assert first["compile_cache_counts"]["miss"] >= 1 and first["compile_cache_counts"]["hit"] == 0
     assert second["compile_cache_counts"]["hit"] >= 1 and second["compile_cache_counts"]["miss"] == 0
+    assert other["compile_cache_counts"]["hit"] >= 1  # same graph, other frozen weights
     assert any((cache / "fxgraph").rglob("*"))
+    for job, eager in (("first", "eager 0"), ("second", "eager 0"), ("other weights", "eager 1")):
+        assert np.abs(features[job] - features[eager]).max() < 1e-4, job
+    assert np.abs(features["eager 0"] - features["eager 1"]).max() > 0.1  # the weights do differ
 
 
 # ----------------------------------------------------------------------------- the rule
