@@ -3,26 +3,35 @@
 Three kinds of feature set share this code:
   * a trained model (``--checkpoint model/<name>/stage2.pt``),
   * ``untrained``: the configured architecture with seeded random weights (a baseline that shows what
-    training adds),
+    training adds); always fp32, whatever ``embed.precision`` says (see :func:`job_precision`),
   * ``published``: the authors' released weights (``--published PATH``, see :mod:`.checkpoint`).
 
 Site level: one embedding per site tile.  Cell level: one per cell crop, then the per-feature median
 over the site's cells (robust to a few bad crops); sites without cells are dropped (logged).
-Output: the index table's ``Metadata_*`` columns + float32 ``emb_000`` … ``emb_<D-1>``.
+Output: the index table's ``Metadata_*`` columns + float32 ``emb_000`` … ``emb_<D-1>``, and beside it
+``<plate>.embed.json`` with the job's timing (start-up, compile, throughput; :class:`EmbedStats`).
 
 Speed: the model is run in its inference form (:func:`.model.inference_model`: BatchNorm and the
 central differences folded into convolutions, channels-last) under ``torch.inference_mode``, and
-compiled with TorchInductor (weights frozen) when that pays off; outputs stay within 1e-4 of the
-plain eval-mode model (``bench/bench_inference.py`` measures both).
+compiled with TorchInductor (weights frozen) only where that pays off: compiling costs seconds per
+job, so ``embed.compile: auto`` compiles only plates with at least ``embed.compile_min_sites[device]``
+images (the measured break-even, :data:`DEFAULT_COMPILE_MIN_SITES`).  Compiling is lazy (it happens
+at the first call), so a failure anywhere in it (tracing, code generation, a missing C++ compiler)
+is caught there and the job runs eagerly with a logged warning (:class:`InferenceRunner`).
+``--compile-cache DIR`` shares TorchInductor's compiled kernels between the jobs of a run.
+Outputs stay within 1e-4 of the plain eval-mode model (``bench/bench_inference.py`` measures both).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import statistics
 import sys
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +56,18 @@ from .train import (
 
 log = logging.getLogger(__name__)
 
+# embed.compile: auto compiles a job only when it embeds at least this many images on the device.
+# CPU: the break-even of a cold compile (empty cache) against the per-site saving for the paper's
+# ResNet50 at 448², measured with ``bench/bench_inference.py --break-even --threads 1``: 2,530 sites
+# by CPU time, 2,882 by wall time (warm cache: 420 / 566); figures in config/README.md.  A job
+# cannot know whether the shared cache will be warm (all jobs of a SLURM run start on an empty
+# one), so the rule is the cold figure, rounded up.  Small models gain little from compiling (the
+# demo's ResNet18 at 224²: 2 %, break-even > 70,000 sites), which the demo's 12-site plates never reach.
+# CUDA: not measured (no GPU was available); off for any plate-sized job until bench/gpu_check.py
+# has measured the break-even on the cluster's GPUs.
+DEFAULT_COMPILE_MIN_SITES: dict[str, int] = {"cpu": 3000, "cuda": 1_000_000}
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
 
 @dataclass
 class EmbedConfig:
@@ -58,6 +79,7 @@ class EmbedConfig:
     device: str = "auto"
     precision: str = "fp32"
     compile: str = "auto"
+    compile_min_sites: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_COMPILE_MIN_SITES))
     untrained: bool = True
     published_weights: str | None = None
 
@@ -70,6 +92,7 @@ class EmbedConfig:
             raise ConfigError(f"unknown key(s) in config section 'embed': {unknown}; known: {sorted(known)}")
         cfg = cls(**options)
         cfg.compile = str(cfg.compile).lower()
+        cfg.compile_min_sites = _compile_min_sites(cfg.compile_min_sites)
         checks = [
             (cfg.batch_size >= 1, f"embed.batch_size must be >= 1, got {cfg.batch_size}"),
             (
@@ -92,6 +115,23 @@ class EmbedConfig:
         return cfg
 
 
+def _compile_min_sites(options: Any) -> dict[str, int]:
+    """``embed.compile_min_sites`` with defaults filled and checked (device type → image count)."""
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"embed.compile_min_sites must be a mapping of device to count, got {options!r}")
+    unknown = sorted(set(options) - set(DEFAULT_COMPILE_MIN_SITES))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) in config section 'embed.compile_min_sites': {unknown}; "
+            f"known: {sorted(DEFAULT_COMPILE_MIN_SITES)}"
+        )
+    merged = {**DEFAULT_COMPILE_MIN_SITES, **options}
+    for device, count in merged.items():
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ConfigError(f"embed.compile_min_sites.{device} must be an integer >= 0, got {count!r}")
+    return merged
+
+
 def feature_columns(dim: int) -> list[str]:
     return [f"emb_{i:03d}" for i in range(dim)]
 
@@ -107,7 +147,8 @@ class _Images(Dataset):
         return torch.from_numpy(image_to_float(np.asarray(self.array[i])))
 
 
-def _autocast_dtype(precision: str, device: torch.device):
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype of ``embed.precision`` on ``device``; None = plain fp32."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     if precision == "auto":
@@ -115,40 +156,165 @@ def _autocast_dtype(precision: str, device: torch.device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _maybe_compile(module: torch.nn.Module, choice: str, n_batches: int) -> torch.nn.Module:
-    """TorchInductor with frozen weights; ~10–30 s to compile, so only for more than a few batches."""
-    if choice == "false" or (choice == "auto" and n_batches < 4):
-        return module
+def job_precision(kind: str, precision: str) -> str:
+    """The precision a feature set is embedded at: ``untrained`` always fp32.
+
+    With random weights the spread of an embedding feature between sites (std ~0.0018) is smaller
+    than the bf16 rounding error of the embedding (~0.0044): reduced precision would bury the
+    baseline's signal in noise, so the baseline would look worse than it is.
+    """
+    if kind == "untrained" and precision != "fp32":
+        log.info("embed.precision %s ignored for the untrained set: random weights need fp32", precision)
+        return "fp32"
+    return precision
+
+
+def should_compile(
+    choice: str, *, n_images: int, device: torch.device, min_sites: Mapping[str, int]
+) -> tuple[bool, str]:
+    """Whether to compile (embed.compile) and why, for a job embedding ``n_images`` on ``device``."""
+    if choice in ("true", "false"):
+        return choice == "true", f"embed.compile: {choice}"
+    threshold = min_sites.get(device.type, DEFAULT_COMPILE_MIN_SITES.get(device.type, 0))
+    decision = n_images >= threshold
+    relation = ">=" if decision else "<"
+    return decision, f"auto: {n_images} images {relation} compile_min_sites.{device.type} = {threshold}"
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """The exception as one short log line (Dynamo appends a paragraph of debugging hints)."""
+    text = " ".join(str(exc).split()).split(" Set TORCHDYNAMO_VERBOSE=1", 1)[0]
+    return f"{type(exc).__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"
+
+
+def _fx_graph_cache_counts() -> dict[str, int]:
+    """Inductor's FX-graph cache hits/misses/bypasses so far in this process (best effort)."""
     try:
-        import torch._inductor.config as inductor_config
+        from torch._dynamo.utils import counters
 
-        # Freezing lets Inductor constant-fold weights and pre-pack them for oneDNN (CPU).
-        inductor_config.freezing = True
-        return torch.compile(module, dynamic=False)
-    except Exception as exc:  # no compiler toolchain etc.: eager is correct, just slower
-        log.warning("torch.compile unavailable (%s); running eagerly", exc)
-        return module
+        return {k: int(counters["inductor"][f"fxgraph_cache_{k}"]) for k in ("hit", "miss", "bypass")}
+    except Exception:  # a private counter: its absence must not break embedding
+        return {}
 
 
-def embed_array(model: PhenoProfilerModel, array: np.ndarray, cfg: EmbedConfig) -> np.ndarray:
-    """Embed every image of a (N, C, S, S) array; returns float32 (N, D)."""
+class InferenceRunner:
+    """Calls the inference model on a batch: TorchInductor-compiled when asked, else eager.
+
+    ``torch.compile`` is lazy: tracing, code generation and the C++ build all happen at the first
+    call, so that is where a broken toolchain shows up (``InductorError: InvalidCxxCompiler`` on
+    nodes and containers without a C++ compiler).  Any failure while compiling or running the
+    compiled model logs one warning and switches this runner to the eager model for good; the batch
+    that failed is recomputed eagerly without padding, so the output equals an eager run's.
+    The compiled model sees one static batch shape: a short last batch is padded with copies of its
+    last image (no recompilation for the tail).
+    """
+
+    def __init__(self, module: torch.nn.Module, *, compile: bool, batch_size: int) -> None:
+        self.module = module
+        self.batch_size = int(batch_size)
+        self.compiled: Any = None
+        self.fallback: str | None = None  # why compiling failed, when it did
+        self.first_call_s: float | None = None  # the first compiled call: compile + one batch
+        self.failed_call_s = 0.0  # time lost in a compiled call that failed
+        self.cache_counts: dict[str, int] = {}  # FX-graph cache hit/miss/bypass of the first call
+        if compile:
+            try:
+                # Freezing lets Inductor constant-fold the weights and pre-pack them for oneDNN (CPU).
+                self.compiled = torch.compile(module, dynamic=False, options={"freezing": True})
+            except Exception as exc:  # e.g. a Python version Dynamo does not support
+                self._fall_back(exc)
+
+    @property
+    def is_compiled(self) -> bool:
+        return self.compiled is not None
+
+    def _fall_back(self, exc: BaseException) -> None:
+        self.compiled = None
+        self.fallback = _one_line(exc)
+        log.warning("torch.compile failed (%s); running eagerly", self.fallback)
+
+    def _pad(self, batch: torch.Tensor) -> torch.Tensor:
+        k = batch.shape[0]
+        if k == self.batch_size:
+            return batch
+        tail = batch[-1:].expand(self.batch_size - k, *batch.shape[1:])
+        return torch.cat([batch, tail]).contiguous(memory_format=torch.channels_last)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            first = self.first_call_s is None
+            before = _fx_graph_cache_counts() if first else {}
+            start = time.perf_counter()
+            try:
+                result = self.compiled(self._pad(batch))[: batch.shape[0]]
+                if first:
+                    if batch.device.type == "cuda":
+                        torch.cuda.synchronize(batch.device)
+                    self.first_call_s = time.perf_counter() - start
+                    after = _fx_graph_cache_counts()
+                    self.cache_counts = {k: after[k] - before.get(k, 0) for k in after}
+                return result
+            except Exception as exc:  # trace, codegen, compiler or compiled-kernel failure
+                self.failed_call_s += time.perf_counter() - start
+                self._fall_back(exc)
+        return self.module(batch)
+
+
+@dataclass
+class EmbedStats:
+    """Timing of one embedding job (what ``<plate>.embed.json`` reports, see :func:`stats_record`)."""
+
+    images: int = 0
+    batches: int = 0
+    batch_size: int = 0
+    device: str = "cpu"
+    threads: int = 0
+    precision: str = "fp32"
+    compile: bool = False  # the compiled model computed the embeddings
+    compile_requested: bool = False
+    compile_reason: str = ""
+    compile_fallback: str | None = None
+    compile_cache_counts: dict[str, int] = field(default_factory=dict)  # FX-graph cache hit/miss/bypass
+    prepare_s: float = 0.0  # folding the model and moving it to the device
+    compile_s: float = 0.0  # compiling: first compiled call minus a steady batch, or a failed attempt
+    embed_s: float = 0.0  # the embedding loop without compiling
+    loop_started: float = 0.0  # time.monotonic() when the loop began (for start-up time)
+
+
+def embed_images(
+    model: PhenoProfilerModel, array: np.ndarray, cfg: EmbedConfig
+) -> tuple[np.ndarray, EmbedStats]:
+    """Embed every image of a (N, C, S, S) array: float32 (N, D) and the job's timing."""
     device = pick_device(cfg.device)
-    amp_dtype = _autocast_dtype(cfg.precision, device)
+    amp_dtype = autocast_dtype(cfg.precision, device)
     model = model.eval()
-    dim = model.config.projection_dim
     n = array.shape[0]
-    out = np.empty((n, dim), dtype=np.float32)
-    if n == 0:
-        return out
-    fast = inference_model(model).to(device)
     n_batches = -(-n // cfg.batch_size)
-    runner = _maybe_compile(fast, cfg.compile, n_batches)
-    compiled = runner is not fast
+    stats = EmbedStats(
+        images=n,
+        batches=n_batches,
+        batch_size=cfg.batch_size,
+        device=str(device),
+        threads=torch.get_num_threads(),
+        precision=PRECISION_NAMES[amp_dtype],
+    )
+    out = np.empty((n, model.config.projection_dim), dtype=np.float32)
+    if n == 0:
+        stats.loop_started = time.monotonic()
+        return out, stats
+    start = time.perf_counter()
+    fast = inference_model(model).to(device)
+    stats.prepare_s = time.perf_counter() - start
+    stats.compile_requested, stats.compile_reason = should_compile(
+        cfg.compile, n_images=n, device=device, min_sites=cfg.compile_min_sites
+    )
+    runner = InferenceRunner(fast, compile=stats.compile_requested, batch_size=cfg.batch_size)
     log.info(
-        "embedding %d images on %s: folded inference model, %s, %s",
+        "embedding %d images on %s: folded inference model, %s (%s), %s",
         n,
         device,
-        "compiled" if compiled else "eager",
+        "compiling" if runner.is_compiled else "eager",
+        stats.compile_reason,
         f"autocast {amp_dtype}" if amp_dtype else "fp32",
     )
     loader = DataLoader(
@@ -161,24 +327,42 @@ def embed_array(model: PhenoProfilerModel, array: np.ndarray, cfg: EmbedConfig) 
     from tqdm import tqdm
 
     position = 0
+    batch_times: list[float] = []
+    stats.loop_started = time.monotonic()
+    loop_start = time.perf_counter()
     with torch.inference_mode():
         for batch in tqdm(loader, desc="embed", file=sys.stderr, leave=False, mininterval=5.0, disable=None):
+            batch_start = time.perf_counter()
             k = batch.shape[0]
-            if compiled and k < cfg.batch_size:  # pad: one static shape, no recompilation for the tail
-                batch = torch.cat([batch, batch[-1:].expand(cfg.batch_size - k, *batch.shape[1:])])
             batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             if amp_dtype is not None:
                 with torch.autocast(device.type, dtype=amp_dtype):
                     result = runner(batch)
             else:
                 result = runner(batch)
-            out[position : position + k] = result[:k].float().cpu().numpy()
+            out[position : position + k] = result.float().cpu().numpy()
             position += k
+            batch_times.append(time.perf_counter() - batch_start)
+    loop_s = time.perf_counter() - loop_start
+    stats.compile = runner.is_compiled
+    stats.compile_fallback = runner.fallback
+    stats.compile_cache_counts = runner.cache_counts
+    if runner.first_call_s is not None:
+        # The first compiled call = compiling + one batch; a later batch's median stands for the batch.
+        steady = statistics.median(batch_times[1:]) if len(batch_times) > 1 else 0.0
+        stats.compile_s = max(runner.first_call_s - steady, 0.0)
+    stats.compile_s += runner.failed_call_s  # a failed attempt is start-up time too
+    stats.embed_s = max(loop_s - stats.compile_s, 1e-9)
     if not np.isfinite(out).all():
         raise DataError(
             f"embedding produced non-finite values for {int((~np.isfinite(out)).any(1).sum())} image(s)"
         )
-    return out
+    return out, stats
+
+
+def embed_array(model: PhenoProfilerModel, array: np.ndarray, cfg: EmbedConfig) -> np.ndarray:
+    """Embed every image of a (N, C, S, S) array; returns float32 (N, D)."""
+    return embed_images(model, array, cfg)[0]
 
 
 def embed_plate(
@@ -189,8 +373,8 @@ def embed_plate(
     tiles_dir: str | Path | None,
     cells_dir: str | Path | None,
     cfg: EmbedConfig,
-) -> pd.DataFrame:
-    """Per-site embedding table of one plate (Metadata_* + emb_* float32)."""
+) -> tuple[pd.DataFrame, EmbedStats]:
+    """Per-site embedding table of one plate (Metadata_* + emb_* float32) and the job's timing."""
     if level == "cell":
         if cells_dir is None:
             raise ConfigError("cell-level embedding needs --cells-dir")
@@ -203,7 +387,14 @@ def embed_plate(
         raise DataError(
             f"plate {plate}: images have {array.shape[1]} channels but the model expects {model.in_channels}"
         )
-    emb = embed_array(model, array, cfg)
+    emb, stats = embed_images(model, array, cfg)
+    return per_site_table(emb, table, level=level, plate=plate, tiles_dir=tiles_dir), stats
+
+
+def per_site_table(
+    emb: np.ndarray, table: pd.DataFrame, *, level: str, plate: str, tiles_dir: str | Path | None
+) -> pd.DataFrame:
+    """Embeddings with their site metadata; at cell level the median over each site's cells."""
     columns = feature_columns(emb.shape[1])
     meta = [c for c in table.columns if c.startswith("Metadata_")]
     if level == "site":
@@ -249,13 +440,62 @@ def build_model(
     raise ConfigError(f"unknown model kind {kind!r}")
 
 
-def _run(args) -> None:
-    options = config_sections(args.configfile, args.config_json, ("model", "embed", "seed"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = EmbedConfig.from_dict(options.get("embed"))
-    if args.batch_size:
-        cfg.batch_size = args.batch_size
+def _process_age_s() -> float:
+    """Seconds since this process started (Linux /proc), so start-up counts interpreter and imports.
+
+    Elsewhere, or where /proc disagrees with itself (a container whose /proc/uptime is its own but
+    whose start times are the host's): seconds since this module was imported, which misses the
+    interpreter's start and the imports before it.
+    """
+    since_import = time.monotonic() - _MODULE_IMPORTED
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started_ticks = int(fields[19])  # field 22 (starttime); fields[0] is field 3 (state)
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        age = uptime - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return since_import
+    return age if age >= since_import else since_import
+
+
+_MODULE_IMPORTED = time.monotonic()
+
+
+def stats_record(
+    stats: EmbedStats, *, sites: int, level: str, kind: str, process_start: float, compile_cache: str | None
+) -> dict[str, Any]:
+    """The ``<plate>.embed.json`` record: where a job's time went (seconds, wall clock).
+
+    ``startup_s`` is everything before the first image is embedded (interpreter, imports, model
+    build or load, folding) plus compiling; ``embed_s`` the embedding loop without compiling (data
+    reading included); ``sites_per_s`` = sites / embed_s.
+    """
+    startup_s = stats.loop_started - process_start + stats.compile_s
+    return {
+        "sites": int(sites),
+        "images": stats.images,
+        "level": level,
+        "kind": kind,
+        "device": stats.device,
+        "threads": stats.threads,
+        "batch_size": stats.batch_size,
+        "batches": stats.batches,
+        "precision": stats.precision,
+        "compile": stats.compile,
+        "compile_reason": stats.compile_reason,
+        "compile_fallback": stats.compile_fallback,
+        "compile_cache": compile_cache,
+        "compile_cache_counts": stats.compile_cache_counts,
+        "startup_s": round(startup_s, 3),
+        "compile_s": round(stats.compile_s, 3),
+        "embed_s": round(stats.embed_s, 3),
+        "sites_per_s": round(sites / stats.embed_s, 3) if stats.images else 0.0,
+        "images_per_s": round(stats.images / stats.embed_s, 3) if stats.images else 0.0,
+        "total_s": round(time.monotonic() - process_start, 3),
+    }
+
+
+def _model_kind(args) -> str:
     kinds = [
         k
         for k, v in (
@@ -267,18 +507,38 @@ def _run(args) -> None:
     ]
     if len(kinds) != 1:
         raise ConfigError("give exactly one of --checkpoint PATH, --untrained, --published PATH")
-    in_channels = None
-    if args.tiles_dir and (Path(args.tiles_dir) / f"{args.plate}.npy").is_file():
-        in_channels = int(np.load(Path(args.tiles_dir) / f"{args.plate}.npy", mmap_mode="r").shape[1])
-    elif args.cells_dir and (Path(args.cells_dir) / f"{args.plate}.npy").is_file():
-        in_channels = int(np.load(Path(args.cells_dir) / f"{args.plate}.npy", mmap_mode="r").shape[1])
-    if kinds[0] == "published" and in_channels not in (None, 5):
+    return kinds[0]
+
+
+def _in_channels(args) -> int | None:
+    for folder in (args.tiles_dir, args.cells_dir):
+        if folder and (Path(folder) / f"{args.plate}.npy").is_file():
+            return int(np.load(Path(folder) / f"{args.plate}.npy", mmap_mode="r").shape[1])
+    return None
+
+
+def _run(args) -> None:
+    process_start = time.monotonic() - _process_age_s()
+    options = config_sections(args.configfile, args.config_json, ("model", "embed", "seed"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = EmbedConfig.from_dict(options.get("embed"))
+    if args.batch_size:
+        cfg.batch_size = args.batch_size
+    kind = _model_kind(args)
+    cfg.precision = job_precision(kind, cfg.precision)
+    if args.compile_cache:
+        # Inductor reads its cache folder from the environment when it compiles: jobs that share
+        # the folder reuse each other's compiled graphs and kernels instead of compiling again.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(args.compile_cache).resolve())
+    in_channels = _in_channels(args)
+    if kind == "published" and in_channels not in (None, 5):
         raise ConfigError(
             f"published weights expect 5 channels (DNA, ER, RNA, AGP, Mito); the data has {in_channels}"
         )
     seed = args.seed if args.seed is not None else int(options.get("seed", 0))
     model, trained_level = build_model(
-        kinds[0],
+        kind,
         checkpoint=args.checkpoint,
         published=args.published,
         model_options=options.get("model"),
@@ -286,10 +546,20 @@ def _run(args) -> None:
         seed=seed,
     )
     level = trained_level if cfg.level == "auto" else cfg.level
-    table = embed_plate(
+    table, stats = embed_plate(
         model, args.plate, level=level, tiles_dir=args.tiles_dir, cells_dir=args.cells_dir, cfg=cfg
     )
     io.write_parquet(table, args.out)
+    record = stats_record(
+        stats,
+        sites=len(table),
+        level=level,
+        kind=kind,
+        process_start=process_start,
+        compile_cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR") if stats.compile else None,
+    )
+    stats_path = args.stats or default_stats_path(args.out)
+    io.write_json(record, stats_path)
     log.info(
         "wrote %s (%d sites × %d features, %s level)",
         args.out,
@@ -297,6 +567,23 @@ def _run(args) -> None:
         sum(c.startswith("emb_") for c in table.columns),
         level,
     )
+    log.info(
+        "embed timing: start-up %.1f s (compile %.1f s, %s), %d sites in %.1f s (%.2f sites/s), %s; %s",
+        record["startup_s"],
+        record["compile_s"],
+        "compiled" if stats.compile else "eager",
+        record["sites"],
+        record["embed_s"],
+        record["sites_per_s"],
+        record["precision"],
+        stats_path,
+    )
+
+
+def default_stats_path(out: str | os.PathLike) -> Path:
+    """``features/<set>/<plate>.parquet`` → ``features/<set>/<plate>.embed.json``."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".parquet") + ".embed.json")
 
 
 def register_cli(subparsers) -> None:
@@ -319,6 +606,15 @@ def register_cli(subparsers) -> None:
     p.add_argument("--batch-size", type=int, help="override embed.batch_size")
     p.add_argument(
         "--seed", type=int, default=None, help="seed of the untrained model (default: config 'seed' or 0)"
+    )
+    p.add_argument(
+        "--compile-cache",
+        help="TorchInductor cache folder shared by the jobs of a run (default: Inductor's own, "
+        "or $TORCHINDUCTOR_CACHE_DIR)",
+    )
+    p.add_argument(
+        "--stats",
+        help="timing record JSON (default: beside --out, <plate>.embed.json): start-up, compile, sites/s",
     )
     p.add_argument("--out", required=True, help="output features/<set>/<plate>.parquet")
     p.set_defaults(func=_run)

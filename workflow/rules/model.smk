@@ -46,7 +46,9 @@ rule embed:
     input:
         unpack(embed_inputs),
     output:
-        f"{RESULTS}/features/{{set}}/{{plate}}.parquet",
+        features=f"{RESULTS}/features/{{set}}/{{plate}}.parquet",
+        # the job's timing: start-up, compile, sites/s (read by the report)
+        stats=f"{RESULTS}/features/{{set}}/{{plate}}.embed.json",
     log:
         f"{RESULTS}/logs/embed/{{set}}/{{plate}}.log",
     benchmark:
@@ -65,7 +67,10 @@ rule embed:
         config=embed_config,
         tiles_dir=folder_of("tiles"),
         cells_arg=cells_arg,
+        # one TorchInductor cache for every embed job of the run: only the first job compiles cold
+        compile_cache=f"{RESULTS}/.cache/torchinductor",
     shell:
         "phenoprofiler embed --plate {wildcards.plate:q} --tiles-dir {params.tiles_dir:q} {params.cells_arg:q} "
         "{params.model:q} --config-json {params.config:q} --threads {threads:q} "
-        "--out {output:q} > {log:q} 2>&1"
+        "--compile-cache {params.compile_cache:q} --stats {output.stats:q} "
+        "--out {output.features:q} > {log:q} 2>&1"
