@@ -14,6 +14,7 @@ from PIL import Image
 
 from phenoprofiler_core import report
 from phenoprofiler_core.cli import main
+from phenoprofiler_core.report import readers
 
 CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
 SETS = ["classic", "untrained", "demo_model"]
@@ -345,7 +346,7 @@ def test_activity_table_keeps_doses_apart(tmp_path):
             "corrected_p_value": [0.5, 0.01, 0.04],
         }
     ).to_parquet(path)
-    table = report._read_activity(path).set_index("treatment")
+    table = readers.read_activity(path).set_index("treatment")
     assert table.loc["drug1 [BRD-1@10uM]", "map"] == pytest.approx(0.8)
     assert table.loc["drug1 [BRD-1@1uM]", "map"] == pytest.approx(0.2)
     assert table.loc["drug2", "map"] == pytest.approx(0.5)
@@ -362,19 +363,20 @@ def test_duplicate_metric_rows_are_flagged(tmp_path):
             "value": [0.5, 0.7, 0.1],
         }
     ).to_parquet(tmp_path / "eval" / "summary.parquet")
-    metrics = report.section_metrics(tmp_path, ["classic", "untrained"])
+    metrics = sections(report.build_report(tmp_path, sets=["classic", "untrained"]))["metrics"]
     assert "1 duplicate (set, metric, variant) rows" in metrics and "classic/map" in metrics
     assert "0.500" in metrics and "0.100" in metrics
 
 
 def test_other_count_column_and_well_names():
-    assert report._count_column(pd.DataFrame(columns=["Metadata_Well", "Count_Cells"])) == "Count_Cells"
-    assert report._well_position("A01") == (0, 0)
-    assert report._well_position("P24") == (15, 23)
-    assert report._well_position("AF48") == (31, 47)
-    assert report._well_position("r02c03") == (1, 2)
-    assert report._well_position("weird") is None
-    assert report._plate_shape(7, 11) == (8, 12) and report._plate_shape(8, 11) == (16, 24)
+    assert readers.count_column(["Metadata_Well", "Count_Cells"]) == "Count_Cells"
+    assert readers.count_column(["Count_Cells", "Count_Nuclei"]) == "Count_Nuclei"
+    assert readers.well_position("A01") == (0, 0)
+    assert readers.well_position("P24") == (15, 23)
+    assert readers.well_position("AF48") == (31, 47)
+    assert readers.well_position("r02c03") == (1, 2)
+    assert readers.well_position("weird") is None
+    assert readers.plate_shape(7, 11) == (8, 12) and readers.plate_shape(8, 11) == (16, 24)
 
 
 def test_bad_option_names_the_key(tmp_path, capsys):
@@ -391,3 +393,17 @@ def test_missing_results_dir_is_an_error(tmp_path, capsys):
     assert main(["report", "--results-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "r.html")]) == 2
     assert "nope" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_names_are_escaped_not_interpreted(tmp_path):
+    """Treatment names and titles are data: the template escapes them (Jinja2 autoescape)."""
+    results = make_fake_results(tmp_path)
+    hostile = '<img src=x onerror="alert(1)"> & co'
+    activity = results / "eval" / "classic" / "map_activity.parquet"
+    table = pd.read_parquet(activity)
+    table.loc[0, "Metadata_Treatment"] = hostile
+    table.to_parquet(activity, index=False)
+    page = report.build_report(results, sets=SETS, options=report.ReportOptions(title="A <b>bold</b> title"))
+    assert "<title>A &lt;b&gt;bold&lt;/b&gt; title</title>" in page
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt; &amp; co" in sections(page)["map"]
+    assert "<img src=x" not in page and "<b>bold</b>" not in page

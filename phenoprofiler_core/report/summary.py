@@ -1,0 +1,80 @@
+"""Dataset summary: what was imaged (plates, wells, sites, treatments, controls, channels)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import DataError
+from .content import Heading, Table, blocks, caption, code, missing, note, table_from_frame
+from .readers import channels_from_manifest
+
+
+def summary_blocks(results: Path, manifest: pd.DataFrame | None, sets: Sequence[str]):
+    path = results / "manifest.parquet"
+    if manifest is None:
+        return blocks(missing("the site manifest", path))
+    needed = {"Metadata_Plate", "Metadata_Well"}
+    if not needed <= set(manifest.columns):
+        raise DataError(f"{path}: needs columns {sorted(needed)}; has {list(manifest.columns)[:12]}")
+    wells = manifest[["Metadata_Plate", "Metadata_Well"]].drop_duplicates()
+    channels = channels_from_manifest(manifest)
+    pert = manifest.get("Metadata_pert_type", pd.Series("trt", index=manifest.index)).astype(str)
+    treatment = manifest.get("Metadata_Treatment", pd.Series("", index=manifest.index)).astype(str)
+    is_control = pert.isin(["negcon", "poscon"])
+    moa = manifest.get("Metadata_moa", pd.Series("", index=manifest.index)).fillna("").astype(str)
+    moa_labels = sorted(
+        {label.strip() for value in moa.unique() for label in value.split("|") if label.strip()}
+    )
+
+    facts = [
+        ("Plates", f"{manifest['Metadata_Plate'].nunique():,}"),
+        ("Wells", f"{len(wells):,}"),
+        ("Sites (images per channel)", f"{len(manifest):,}"),
+        ("Treatments (excluding controls)", f"{treatment[~is_control].nunique():,}"),
+        ("MoA labels", f"{len(moa_labels):,}" if moa_labels else "none annotated"),
+        ("Channels (canonical order)", ", ".join(channels) if channels else "–"),
+        ("Feature sets compared", ", ".join(sets) if sets else "–"),
+    ]
+    parts = [
+        Table(
+            ("fact", "value"),
+            tuple({"fact": k, "value": v} for k, v in facts),
+            index=True,
+            header=False,
+            css="facts",
+        )
+    ]
+
+    if is_control.any():
+        controls = manifest.loc[is_control, ["Metadata_Plate", "Metadata_Well"]].assign(
+            **{"control type": pert[is_control], "treatment": treatment[is_control]}
+        )
+        keys = ["control type", "treatment"]
+        per_control = pd.DataFrame(
+            {
+                "wells": controls.drop_duplicates().groupby(keys).size(),
+                "sites": controls.groupby(keys).size(),
+            }
+        ).reset_index()
+        parts += [Heading("Controls"), table_from_frame(per_control)]
+    else:
+        parts.append(note("No control wells are marked in ", code("Metadata_pert_type"), " (negcon/poscon)."))
+
+    per_plate = (
+        manifest.assign(_negcon=(pert == "negcon"))
+        .groupby("Metadata_Plate")
+        .agg(
+            wells=("Metadata_Well", "nunique"),
+            sites=("Metadata_Well", "size"),
+            negcon_sites=("_negcon", "sum"),
+        )
+        .reset_index()
+        .rename(columns={"Metadata_Plate": "plate", "negcon_sites": "negative-control sites"})
+    )
+    per_plate["negative-control sites"] = per_plate["negative-control sites"].astype(int)
+    parts += [Heading("Plates"), table_from_frame(per_plate)]
+    parts.append(caption("From ", code(path.relative_to(results)), "."))
+    return blocks(parts)
