@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -45,3 +46,93 @@ def categorical_colors(labels: pd.Series, max_entries: int):
     colours = [palette.get(label, other) for label in labels]
     n_other = int(counts.iloc[max_entries:].sum()) if len(counts) > max_entries else 0
     return colours, palette, n_other
+
+
+def _value_label(value: float, number_format: str) -> str:
+    if np.isnan(value):
+        return "n/a"
+    if np.isinf(value):
+        return "∞" if value > 0 else "−∞"
+    return number_format.format(value)
+
+
+def bar_panel(
+    ax,
+    labels: list[str],
+    values,
+    *,
+    title: str,
+    why_empty: str | None = None,
+    number_format: str = "{:.3g}",
+    horizontal: bool = False,
+) -> None:
+    """Bars that never look empty: every bar carries its value as text.
+
+    A 0 is a bar of height 0 labelled "0" (so "zero" is not mistaken for "missing"); NaN is a
+    label "n/a" without a bar; ±∞ is an arrow-headed bar to the edge of the axes labelled ∞.  A
+    panel without a single number shows ``why_empty`` in words instead of empty axes.
+    """
+    values = np.asarray(values, dtype=float)
+    ax.set_title(title, fontsize=8)
+    if not len(values) or np.isnan(values).all():
+        ax.set_axis_off()
+        ax.text(
+            0.5,
+            0.5,
+            "\n".join(textwrap.wrap(f"n/a: {why_empty or 'no value'}", 34)),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="#6b5300",
+            transform=ax.transAxes,
+            bbox={"boxstyle": "round", "facecolor": "#fff8e1", "edgecolor": "#f0b429"},
+        )
+        return
+    finite = values[np.isfinite(values)]
+    top = max(float(finite.max()) if len(finite) else 0.0, 0.0)
+    bottom = min(float(finite.min()) if len(finite) else 0.0, 0.0)
+    span = (top - bottom) or 1.0
+    # Infinite values get a bar to just past the largest finite one: visibly "off the scale".
+    drawn = np.where(np.isposinf(values), top + 0.25 * span, values)
+    drawn = np.where(np.isneginf(values), bottom - 0.25 * span, drawn)
+    drawn = np.nan_to_num(drawn, nan=0.0)
+    colours = plt().get_cmap("tab10")
+    positions = np.arange(len(values))
+    bar = ax.barh if horizontal else ax.bar
+    bar(positions, drawn, color=[colours(i % 10) for i in range(len(values))])
+    # The zero line makes a bar of height 0 visible as a bar (with its "0" above it).
+    (ax.axvline if horizontal else ax.axhline)(0.0, color="#444444", linewidth=0.8)
+    for position, value, height in zip(positions, values, drawn):
+        label = _value_label(value, number_format)
+        outward = height < 0
+        if horizontal:
+            ax.annotate(
+                label,
+                (height, position),
+                xytext=(-3 if outward else 3, 0),
+                textcoords="offset points",
+                ha="right" if outward else "left",
+                va="center",
+                fontsize=7,
+            )
+        else:
+            ax.annotate(
+                label,
+                (position, height),
+                xytext=(0, -3 if outward else 3),
+                textcoords="offset points",
+                ha="center",
+                va="top" if outward else "bottom",
+                fontsize=7,
+            )
+    low = min(drawn.min(), 0.0) - (0.18 * span if bottom < 0 or np.isneginf(values).any() else 0.0)
+    high = max(drawn.max(), 0.0) + 0.18 * span
+    (ax.set_xlim if horizontal else ax.set_ylim)(low, high)
+    ticks = ax.set_yticks if horizontal else ax.set_xticks
+    if horizontal:
+        ticks(positions, labels, fontsize=7)
+        ax.invert_yaxis()  # first label on top, as in the table
+        ax.tick_params(axis="x", labelsize=7)
+    else:
+        ticks(positions, labels, rotation=30, ha="right", fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)

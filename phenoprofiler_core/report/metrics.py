@@ -25,7 +25,7 @@ from .content import (
     table_from_frame,
     text,
 )
-from .figures import fig_to_png, plt
+from .figures import bar_panel, fig_to_png, plt
 from .readers import ordered_sets, read_activity, read_parquet
 
 METRICS_CAPTION = (
@@ -33,14 +33,25 @@ METRICS_CAPTION = (
     code("eval/summary.parquet"),
     "). mAP: copairs mean average precision (activity = replicates vs. negative controls; "
     "consistency = treatments sharing an MoA). FoE: folds of enrichment in the top 1 % most similar "
-    "treatments. Recall@k: share of same-MoA treatments among the top k %. Cosine similarity throughout.",
+    "treatments. Recall@k: share of same-MoA treatments among the top k %. Cosine similarity throughout. "
+    "n/a [k]: evaluated, but there is no value (the reason is footnote k); –: the set has no such "
+    "row; ∞: an infinite result, not a missing one.",
 )
 
 
-def metrics_blocks(results: Path, sets: Sequence[str]):
-    path = results / "eval" / "summary.parquet"
-    if not path.is_file():
-        return blocks(missing("the metrics summary", path))
+def _reason_for_missing(entry: pd.Series) -> str:
+    """Why a metric has no value: evaluate's ``note``, else what ``n`` tells, else that nobody said."""
+    note_text = str(entry.get("note") or "").strip() if "note" in entry.index else ""
+    if note_text and note_text.lower() not in ("nan", "none", "<na>"):
+        return note_text
+    n = pd.to_numeric(entry.get("n"), errors="coerce") if "n" in entry.index else np.nan
+    if n == 0:
+        return "computed over nothing (n = 0: no query or treatment qualified)"
+    return "no reason recorded (eval/summary.parquet has no note for it)"
+
+
+def read_summary(path: Path) -> pd.DataFrame:
+    """eval/summary.parquet with a display row name ``_row`` = metric (variant)."""
     summary = read_parquet(path)
     absent_columns = {"set", "metric", "value"} - set(summary.columns)
     if absent_columns:
@@ -49,6 +60,7 @@ def metrics_blocks(results: Path, sets: Sequence[str]):
             f"with columns set, metric, value (has {list(summary.columns)})"
         )
     summary = summary.copy()
+    summary["set"] = summary["set"].astype(str)
     summary["value"] = pd.to_numeric(summary["value"], errors="coerce")
     # 'variant' tells the published flavours apart (e.g. map_interpolated vs map_ap); keep it
     # visible in the row name instead of silently averaging the two.
@@ -57,17 +69,49 @@ def metrics_blocks(results: Path, sets: Sequence[str]):
         variant = summary["variant"].astype("string").fillna("")
         row = row.where(variant == "", row + " (" + variant + ")")
     summary["_row"] = row
+    return summary
+
+
+def metrics_blocks(results: Path, sets: Sequence[str]):
+    path = results / "eval" / "summary.parquet"
+    if not path.is_file():
+        return blocks(missing("the metrics summary", path))
+    summary = read_summary(path)
     duplicated = summary.duplicated(["_row", "set"], keep="first")
-    wide = summary.pivot_table(index="_row", columns="set", values="value", aggfunc="first", sort=False)
-    shown_sets = ordered_sets(wide.columns, sets)
-    wide = wide[shown_sets]
-    table = wide.reset_index().rename(columns={"_row": "metric"})
-    table.columns.name = None
+    first = summary[~duplicated].set_index(["_row", "set"])
+    # Every metric evaluate wrote gets a row, also one no set could compute (issue 13.7): a
+    # missing number with its reason tells the reader more than a silently shorter table.
+    row_names = list(dict.fromkeys(summary["_row"]))
+    shown_sets = ordered_sets(list(dict.fromkeys(summary["set"])), sets)
+    reasons: dict[str, int] = {}  # reason -> footnote number, so a shared reason is listed once
+    reasons_by_row: dict[str, list[str]] = {name: [] for name in row_names}
+    records, values = [], pd.DataFrame(np.nan, index=row_names, columns=shown_sets)
+    for row_name in row_names:
+        record = {"metric": row_name}
+        for name in shown_sets:
+            if (row_name, name) not in first.index:
+                record[name] = None  # the set has no such row at all: "–"
+                continue
+            entry = first.loc[(row_name, name)]
+            value = float(entry["value"])
+            values.loc[row_name, name] = value
+            if np.isnan(value):
+                reason = _reason_for_missing(entry)
+                ref = reasons.setdefault(reason, len(reasons) + 1)
+                reasons_by_row[row_name].append(reason)
+                record[name] = Marked(value, title=reason, label=f"n/a [{ref}]")
+            else:
+                record[name] = value
+        records.append(record)
+    columns = ["metric", *shown_sets]
     if "description" in summary.columns:
         # evaluate writes what each number measures; a reader needs that more than the code name.
         described = summary.dropna(subset=["description"]).groupby("_row", sort=False)["description"].first()
-        table["what it measures"] = described.reindex(wide.index).fillna("").astype(str).to_numpy()
-    parts = [table_from_frame(table, index=True)]
+        columns.append("what it measures")
+        for record in records:
+            record["what it measures"] = str(described.get(record["metric"], ""))
+    footnotes = tuple(text(f"[{ref}] n/a: {reason}") for reason, ref in reasons.items())
+    parts = [Table(tuple(columns), tuple(records), index=True, footnotes=footnotes)]
     if duplicated.any():
         # Several values for one (set, metric, variant): say so rather than pick one silently.
         pairs = summary.loc[duplicated, ["set", "_row"]].drop_duplicates().head(5)
@@ -86,34 +130,32 @@ def metrics_blocks(results: Path, sets: Sequence[str]):
     if absent:
         parts.append(note(f"No metrics for feature set(s) {', '.join(absent)} in ", code(path), "."))
     parts.append(caption(*METRICS_CAPTION))
-    chart = metrics_chart(wide)
-    if chart is not None:
+    if len(values) and len(shown_sets):
+        panel_reasons = {name: "; ".join(dict.fromkeys(found)) for name, found in reasons_by_row.items()}
         parts.append(
-            Figure(chart, "metrics bar chart", text("The same metrics as bars, one panel per metric."))
+            Figure(
+                metrics_chart(values, panel_reasons),
+                "metrics bar chart",
+                text(
+                    "The same metrics as bars, one panel per metric; every bar carries its value "
+                    "(a 0 is a bar of height 0 labelled 0, ∞ a bar past the largest value labelled ∞, "
+                    "n/a a label without a bar), and a panel no set could compute says why."
+                ),
+            )
         )
     return blocks(parts)
 
 
-def metrics_chart(wide: pd.DataFrame) -> bytes | None:
-    wide = wide.dropna(how="all")
-    if wide.empty or wide.shape[1] == 0:
-        return None
-    wide = wide.iloc[:16]
-    n = len(wide)
+def metrics_chart(values: pd.DataFrame, reasons: dict[str, str]) -> bytes:
+    """One panel per metric (rows of ``values``), one bar per feature set (columns)."""
+    n = len(values)
     cols = min(4, n)
     rows = int(np.ceil(n / cols))
-    pyplot = plt()
-    fig, axes = pyplot.subplots(rows, cols, figsize=(3.0 * cols, 2.3 * rows), squeeze=False)
-    colours = pyplot.get_cmap("tab10")
-    for ax, (metric, values) in zip(axes.flat, wide.iterrows()):
-        ax.bar(
-            range(len(values)),
-            values.to_numpy(dtype=float),
-            color=[colours(i % 10) for i in range(len(values))],
+    fig, axes = plt().subplots(rows, cols, figsize=(3.0 * cols, 2.3 * rows), squeeze=False)
+    for ax, (metric, row) in zip(axes.flat, values.iterrows()):
+        bar_panel(
+            ax, list(row.index), row.to_numpy(dtype=float), title=str(metric), why_empty=reasons.get(metric)
         )
-        ax.set_xticks(range(len(values)), list(values.index), rotation=30, ha="right", fontsize=7)
-        ax.set_title(str(metric), fontsize=8)
-        ax.tick_params(axis="y", labelsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.tight_layout()

@@ -45,8 +45,8 @@ def format_cell(value, number_format: str = "{:.3f}") -> Cell:
     if isinstance(value, (bool, np.bool_)):
         return Cell(str(bool(value)))
     if isinstance(value, (float, np.floating)):
-        if not math.isfinite(value):
-            return Cell("–", "num na")
+        if math.isinf(value):  # a real result (e.g. infinite odds), not a missing one
+            return Cell("∞" if value > 0 else "−∞", "num")
         return Cell(number_format.format(float(value)), "num")
     if isinstance(value, (int, np.integer)):
         return Cell(f"{int(value):,}", "num")
