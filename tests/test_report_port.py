@@ -47,6 +47,14 @@ def _with_intended_changes(before: list[dict]) -> list[dict]:
     runtimes[0][-1] = "peak memory, PSS (MB)"
     for row in runtimes[1:]:
         row[-1] = "710.0"
+    # issue 11.6: the Plates table counts negative-control wells (2 DMSO wells per plate in the
+    # fixture), and the manifest step's summary gets its own sub-heading (absent here: a note).
+    plates = expected["summary"]["tables"][2]
+    assert plates[0] == ["plate", "wells", "sites", "negative-control sites"]
+    plates[0].append("negative-control wells")
+    for row in plates[1:]:
+        row.append("2")
+    expected["summary"]["subheadings"].append("Plate map and images")
     return list(expected.values())
 
 

@@ -1,7 +1,7 @@
 """The benchmark report: one self-contained HTML page per dataset.
 
-``results/<dataset>/report.html`` is what a scientist opens to judge the profiles: dataset summary,
-QC pictures, training curves, the metrics of every feature set side by side, mAP per treatment,
+``results/<dataset>/report.html`` is what a scientist opens to judge the profiles: the findings
+first (active treatments, normalization used, warnings that matter), then dataset summary, QC pictures, training curves, the metrics of every feature set side by side, mAP per treatment,
 UMAPs of well profiles and per-rule runtimes.  The page must open on an offline machine and be
 mailable as one file, so every picture is an embedded base64 PNG and the CSS/JS are inline.
 
@@ -26,9 +26,10 @@ import pandas as pd
 from ..errors import DataError
 from ..io import write_text
 from .content import Heading, Section, error_note, guarded
+from .findings import findings_blocks
 from .metrics import map_blocks, metrics_blocks
 from .options import ReportOptions
-from .qc import cell_count_blocks, example_tile_blocks, illumination_blocks
+from .qc import cell_count_blocks, example_tile_blocks, illumination_blocks, illumination_check_blocks
 from .readers import channels_from_manifest, discover_sets, read_parquet
 from .render import render_page
 from .runtimes import runtime_blocks
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 # (id, short name in the navigation bar), in page order, and each section's heading.
 SECTIONS = (
+    ("findings", "Findings"),
     ("summary", "Dataset"),
     ("qc", "QC"),
     ("training", "Training"),
@@ -49,6 +51,7 @@ SECTIONS = (
     ("runtimes", "Runtimes"),
 )
 HEADINGS = {
+    "findings": "Findings",
     "summary": "Dataset summary",
     "qc": "Quality control",
     "training": "Training curves",
@@ -78,6 +81,7 @@ def _qc_blocks(results: Path, manifest: pd.DataFrame | None, options: ReportOpti
     channels = channels_from_manifest(manifest)
     return (
         Heading("Illumination correction"),
+        *guarded(lambda: illumination_check_blocks(results, plates, options.table_rows), results / "illum"),
         *guarded(lambda: illumination_blocks(results, plates), results / "illum"),
         Heading("Example sites per treatment"),
         *guarded(
@@ -92,6 +96,7 @@ def _qc_blocks(results: Path, manifest: pd.DataFrame | None, options: ReportOpti
 def build_sections(results: Path, sets: list[str], options: ReportOptions) -> list[Section]:
     manifest, manifest_problem = _read_manifest(results)
     builders: dict[str, tuple[Callable[[], tuple], Path]] = {
+        "findings": (lambda: findings_blocks(results, sets, manifest, options.table_rows), results / "eval"),
         "summary": (
             (lambda: manifest_problem)
             if manifest_problem

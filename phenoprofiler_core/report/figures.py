@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import textwrap
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -64,6 +65,7 @@ def bar_panel(
     title: str,
     why_empty: str | None = None,
     number_format: str = "{:.3g}",
+    value_labels: Sequence[str] | None = None,
     horizontal: bool = False,
 ) -> None:
     """Bars that never look empty: every bar carries its value as text.
@@ -71,6 +73,7 @@ def bar_panel(
     A 0 is a bar of height 0 labelled "0" (so "zero" is not mistaken for "missing"); NaN is a
     label "n/a" without a bar; ±∞ is an arrow-headed bar to the edge of the axes labelled ∞.  A
     panel without a single number shows ``why_empty`` in words instead of empty axes.
+    ``value_labels`` replaces the formatted numbers (e.g. "3 of 40").
     """
     values = np.asarray(values, dtype=float)
     ax.set_title(title, fontsize=8)
@@ -102,8 +105,9 @@ def bar_panel(
     bar(positions, drawn, color=[colours(i % 10) for i in range(len(values))])
     # The zero line makes a bar of height 0 visible as a bar (with its "0" above it).
     (ax.axvline if horizontal else ax.axhline)(0.0, color="#444444", linewidth=0.8)
-    for position, value, height in zip(positions, values, drawn):
-        label = _value_label(value, number_format)
+    if value_labels is None:
+        value_labels = [_value_label(value, number_format) for value in values]
+    for position, height, label in zip(positions, drawn, value_labels):
         outward = height < 0
         if horizontal:
             ax.annotate(

@@ -11,6 +11,8 @@ from ..errors import DataError
 from .content import (
     Figure,
     Gallery,
+    Marked,
+    Table,
     TileCard,
     TileGrid,
     blocks,
@@ -22,8 +24,54 @@ from .content import (
     note,
     text,
 )
+from .contracts import illumination_qc_files, read_illumination_qc
 from .figures import array_to_png, fig_to_png, plt
 from .readers import count_column, plate_shape, read_parquet, row_label, sorted_by_plate, well_position
+
+
+def illumination_check_blocks(results: Path, plates: list[str], table_rows: int):
+    """The illumination step's checks per plate (qc.json): sites used, max/min ratio per channel."""
+    files = sorted_by_plate(illumination_qc_files(results), plates, plate_of=lambda path: path.parent.name)
+    if not files:
+        return blocks(missing("illumination checks", results / "illum" / "<plate>" / "qc.json"))
+    records, notes = [], []
+    for path in files:
+        try:
+            records.append(read_illumination_qc(path))
+        except Exception as exc:
+            notes.append(error_note(path, exc))
+    if not records:
+        return blocks(notes)
+    channels = list(dict.fromkeys(c for r in records for c in r["channels"]))
+    rows = []
+    for record in records:
+        found = list(record["warnings"])
+        for channel, entry in record["channels"].items():
+            found += [f"{channel}: {w}" for w in entry["warnings"] if w not in record["warnings"]]
+        row = {"plate": record["plate"], "sites": record["n_sites"]}
+        for channel in channels:
+            entry = record["channels"].get(channel)
+            ratio = np.nan if entry is None else entry["max_over_min"]
+            flagged = entry is not None and (entry["warnings"] or ratio > record["max_ratio_limit"])
+            row[f"max/min {channel}"] = Marked(ratio, "warn") if flagged else ratio
+        row["warnings"] = "; ".join(dict.fromkeys(found))
+        rows.append(row)
+    # Plates with warnings first: at a thousand plates the table is capped, the problems are not.
+    rows.sort(key=lambda row: not row["warnings"])
+    shown = rows[:table_rows]
+    limits = sorted({(r["min_sites"], r["max_ratio_limit"]) for r in records})
+    words = (
+        "The illumination step's checks (illum/<plate>/qc.json): sites averaged into each plate's "
+        "functions and each function's max/min ratio; flagged = fewer than "
+        + " / ".join(f"{m} sites or a ratio above {limit:g}" for m, limit in limits)
+        + "."
+    )
+    if len(rows) > len(shown):
+        words += (
+            f" Showing {len(shown)} of {len(rows):,} plates, those with warnings first (report.table_rows)."
+        )
+    columns = ("plate", "sites", *(f"max/min {c}" for c in channels), "warnings")
+    return blocks(notes, Table(columns, tuple(shown), number_format="{:.2f}"), caption(words))
 
 
 def illumination_blocks(results: Path, plates: list[str]):

@@ -86,7 +86,13 @@ def find_column(
 
 
 def read_activity(path: Path) -> pd.DataFrame:
-    """One map_activity table as treatment / map / p / significant, one row per treatment."""
+    """One map_activity table, one row per treatment.
+
+    Columns: treatment (display name; `` [id]`` appended where one name covers several ids),
+    treatment_id, wells, map, p_raw, p (BH-corrected), significant.  Column names are matched
+    loosely (copairs' own names, or anything containing 'average_precision', 'corrected_p'...),
+    so an older evaluate output still reads.
+    """
     df = read_parquet(path)
     columns = list(df.columns)
     treatment = find_column(columns, "Metadata_Treatment", contains="treatment")
@@ -99,13 +105,21 @@ def read_activity(path: Path) -> pd.DataFrame:
     p_value = find_column(columns, "corrected_p_value", contains="corrected_p", exclude="below")
     below = find_column(columns, "below_corrected_p", contains="below")
     label = df[treatment].astype(str)
-    if "Metadata_TreatmentId" in columns and treatment != "Metadata_TreatmentId":
+    ids = df["Metadata_TreatmentId"].astype(str) if "Metadata_TreatmentId" in columns else label
+    if treatment != "Metadata_TreatmentId" and "Metadata_TreatmentId" in columns:
         # One display name can cover several treatment ids (e.g. doses of one compound): keep
         # them apart by appending the id, instead of averaging different treatments together.
-        ids = df["Metadata_TreatmentId"].astype(str)
-        shared = label.groupby(label).transform(lambda names: ids[names.index].nunique() > 1)
+        shared = ids.groupby(label).transform("nunique") > 1
         label = label.where(~shared, label + " [" + ids + "]")
-    out = pd.DataFrame({"treatment": label, "map": pd.to_numeric(df[ap], errors="coerce")})
+    out = pd.DataFrame(
+        {
+            "treatment": label,
+            "treatment_id": ids if "Metadata_TreatmentId" in columns else None,
+            "wells": pd.to_numeric(df["n_wells"], errors="coerce") if "n_wells" in columns else np.nan,
+            "map": pd.to_numeric(df[ap], errors="coerce"),
+            "p_raw": pd.to_numeric(df["p_value"], errors="coerce") if "p_value" in columns else np.nan,
+        }
+    )
     out["p"] = pd.to_numeric(df[p_value], errors="coerce") if p_value else np.nan
     if below is not None:
         out["significant"] = df[below].astype(bool)
@@ -116,7 +130,14 @@ def read_activity(path: Path) -> pd.DataFrame:
     # copairs can give one row per treatment and plate grouping; one value per treatment here.
     return (
         out.groupby("treatment", sort=False)
-        .agg(map=("map", "mean"), p=("p", "min"), significant=("significant", "max"))
+        .agg(
+            treatment_id=("treatment_id", "first"),
+            wells=("wells", "first"),
+            map=("map", "mean"),
+            p_raw=("p_raw", "min"),
+            p=("p", "min"),
+            significant=("significant", "max"),
+        )
         .reset_index()
     )
 

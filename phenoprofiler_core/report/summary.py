@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import DataError
-from .content import Heading, Table, blocks, caption, code, missing, note, table_from_frame
+from .content import Heading, Table, blocks, caption, code, error_note, missing, note, table_from_frame
+from .contracts import read_manifest_summary
 from .readers import channels_from_manifest
 
 
@@ -75,6 +76,53 @@ def summary_blocks(results: Path, manifest: pd.DataFrame | None, sets: Sequence[
         .rename(columns={"Metadata_Plate": "plate", "negcon_sites": "negative-control sites"})
     )
     per_plate["negative-control sites"] = per_plate["negative-control sites"].astype(int)
+    # Wells, not sites, are what normalization and copairs count as control replicates.
+    negcon_wells = (
+        manifest.loc[pert == "negcon"].groupby("Metadata_Plate", observed=True)["Metadata_Well"].nunique()
+    )
+    per_plate["negative-control wells"] = [int(negcon_wells.get(p, 0)) for p in per_plate["plate"]]
     parts += [Heading("Plates"), table_from_frame(per_plate)]
     parts.append(caption("From ", code(path.relative_to(results)), "."))
+    parts += manifest_summary_blocks(results)
     return blocks(parts)
+
+
+def _example_words(block: dict, fields: Sequence[str]) -> str:
+    examples = ["/".join(str(e[f]) for f in fields) for e in block["examples"][:5]]
+    return f"{block['count']:,}" + (f" (e.g. {', '.join(examples)})" if examples else "")
+
+
+def manifest_summary_blocks(results: Path):
+    """What the manifest step found when it matched images to the plate map."""
+    path = results / "manifest.summary.json"
+    try:
+        summary = read_manifest_summary(results)
+    except Exception as exc:
+        return [Heading("Plate map and images"), error_note(path, exc)]
+    if summary is None:
+        return [Heading("Plate map and images"), missing("the manifest step's summary", path)]
+    facts = [
+        (
+            "Plate-map wells without images",
+            _example_words(summary["platemap_wells_without_images"], ("plate", "well", "treatment")),
+        ),
+        (
+            "Imaged sites without a plate-map row",
+            _example_words(summary["images_without_platemap_row"], ("plate", "well", "site")),
+        ),
+        (
+            "Manifest warnings",
+            f"{len(summary['warnings']):,}" + (" (listed under Findings)" if summary["warnings"] else ""),
+        ),
+    ]
+    return [
+        Heading("Plate map and images"),
+        Table(
+            ("fact", "value"),
+            tuple({"fact": k, "value": v} for k, v in facts),
+            index=True,
+            header=False,
+            css="facts",
+        ),
+        caption("From ", code("manifest.summary.json"), "."),
+    ]
