@@ -186,6 +186,14 @@ def make_fake_results(root: Path, *, n_wells_profiles: int | None = None, contra
         classic["Intensity_MeanIntensity_DNA"] = rng.random(len(meta)).astype(np.float32)
         (results / "features" / "classic").mkdir(parents=True, exist_ok=True)
         classic.to_parquet(results / "features" / "classic" / f"{plate}.parquet", index=False)
+        # the embedded sets' per-site features (own generator: the values above stay as they were)
+        embedding_rng = np.random.default_rng(1)
+        for name in SETS[1:]:
+            embedded = meta.copy()
+            for j in range(8):
+                embedded[f"emb{j:03d}"] = embedding_rng.normal(size=len(meta)).astype(np.float32)
+            (results / "features" / name).mkdir(parents=True, exist_ok=True)
+            embedded.to_parquet(results / "features" / name / f"{plate}.parquet", index=False)
 
     history = []
     for stage in (1, 2):

@@ -55,6 +55,13 @@ def _with_intended_changes(before: list[dict]) -> list[dict]:
     for row in plates[1:]:
         row.append("2")
     expected["summary"]["subheadings"].append("Plate map and images")
+    # item 6 (external sets): where each set's profiles come from; the fixture has 2 per-plate
+    # feature files per set, 20 wells in normalized.parquet and no consensus.parquet.
+    expected["summary"]["subheadings"].append("Feature sets")
+    expected["summary"]["tables"].append(
+        [["feature set", "profiles from", "well profiles", "treatment profiles"]]
+        + [[name, "per-site features, 2 plate file(s)", "20", "–"] for name in SETS]
+    )
     return list(expected.values())
 
 

@@ -25,12 +25,12 @@ import pandas as pd
 
 from ..errors import DataError
 from ..io import write_text
-from .content import Heading, Section, error_note, guarded
+from .content import Heading, Section, error_note, guarded, note
 from .findings import findings_blocks
 from .metrics import map_blocks, metrics_blocks
 from .options import ReportOptions
 from .qc import cell_count_blocks, example_tile_blocks, illumination_blocks, illumination_check_blocks
-from .readers import channels_from_manifest, discover_sets, read_parquet
+from .readers import channels_from_manifest, discover_sets, external_sets, read_parquet
 from .render import render_page
 from .runtimes import runtime_blocks
 from .summary import summary_blocks
@@ -76,10 +76,22 @@ def _read_manifest(results: Path):
     return manifest, ()
 
 
-def _qc_blocks(results: Path, manifest: pd.DataFrame | None, options: ReportOptions):
+def _qc_blocks(results: Path, manifest: pd.DataFrame | None, sets: list[str], options: ReportOptions):
     plates = [] if manifest is None else [str(p) for p in pd.unique(manifest["Metadata_Plate"])]
     channels = channels_from_manifest(manifest)
+    external = external_sets(results, sets)
+    external_note = (
+        (
+            note(
+                f"Per-site QC does not apply to {', '.join(external)}: "
+                "profiles brought in as a table, with no images or site features in this run.",
+            ),
+        )
+        if external
+        else ()
+    )
     return (
+        *external_note,
         Heading("Illumination correction"),
         *guarded(lambda: illumination_check_blocks(results, plates, options.table_rows), results / "illum"),
         *guarded(lambda: illumination_blocks(results, plates), results / "illum"),
@@ -103,7 +115,7 @@ def build_sections(results: Path, sets: list[str], options: ReportOptions) -> li
             else (lambda: summary_blocks(results, manifest, sets)),
             results / "manifest.parquet",
         ),
-        "qc": (lambda: _qc_blocks(results, manifest, options), results),
+        "qc": (lambda: _qc_blocks(results, manifest, sets, options), results),
         "training": (lambda: training_blocks(results, sets), results / "model"),
         "metrics": (lambda: metrics_blocks(results, sets), results / "eval" / "summary.parquet"),
         "map": (lambda: map_blocks(results, sets, options.table_rows), results / "eval"),

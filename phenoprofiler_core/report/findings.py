@@ -109,12 +109,27 @@ def _active(table: pd.DataFrame) -> pd.DataFrame:
     return active.sort_values(["p", "map"], ascending=[True, False], na_position="last")
 
 
-def _overview(sets, activity, absent, normalization) -> Table:
+def activity_notes(results: Path) -> dict[str, str]:
+    """evaluate's reason per set when map_activity has no value (summary column ``note``)."""
+    path = results / "eval" / "summary.parquet"
+    try:
+        summary = read_parquet(path, ["set", "metric", "note"])
+    except Exception:  # no summary or no note column yet: the overview says "no treatment evaluated"
+        return {}
+    rows = summary[(summary["metric"] == "map_activity") & summary["note"].fillna("").astype(str).ne("")]
+    return dict(zip(rows["set"].astype(str), rows["note"].astype(str)))
+
+
+def _overview(sets, activity, absent, normalization, notes) -> Table:
     records = []
     for name in sets:
         table = activity.get(name)
         record = {"feature set": name}
-        if table is None:
+        if table is not None and table.empty:
+            # e.g. a treatment-level external table: activity needs replicate wells
+            reason = notes.get(name, "no treatment was evaluated (empty map_activity table)")
+            record.update({"treatments tested": 0, "active": f"n/a: {reason}", "most active": ""})
+        elif table is None:
             record.update(
                 {"treatments tested": None, "active": absent.get(name, "not available"), "most active": ""}
             )
@@ -140,8 +155,9 @@ def _active_chart(sets, activity) -> bytes:
     counts, labels = [], []
     for name in sets:
         table = activity.get(name)
-        counts.append(np.nan if table is None else float(len(_active(table))))
-        labels.append("n/a" if table is None else f"{int(counts[-1]):,} of {len(table):,}")
+        known = table is not None and not table.empty
+        counts.append(float(len(_active(table))) if known else np.nan)
+        labels.append(f"{int(counts[-1]):,} of {len(table):,}" if known else "n/a")
     fig, ax = plt().subplots(figsize=(min(2.0 + 1.3 * len(sets), 9.0), 2.6))
     bar_panel(
         ax,
@@ -159,7 +175,7 @@ def _active_tables(sets, activity, table_rows: int, threshold: str):
     parts = []
     for name in sets:
         table = activity.get(name)
-        if table is None:
+        if table is None or table.empty:
             continue
         active = _active(table)
         parts.append(Heading(f"Active treatments: {name}"))
@@ -388,7 +404,7 @@ def findings_blocks(results: Path, sets: Sequence[str], manifest: pd.DataFrame |
                 ").",
             )
         ),
-        _overview(sets, activity, absent, normalization),
+        _overview(sets, activity, absent, normalization, activity_notes(results)),
     ]
     if activity:  # with no activity table at all, the overview's words say it; no empty chart
         parts.append(

@@ -16,6 +16,8 @@ class ReportOptions:
     umap_min_dist: float = 0.1
     # UMAP's k-NN graph needs n_neighbors < n; below this many wells PCA is the honest choice.
     umap_min_wells: int = 15
+    # UMAP of 10,000 points takes about a minute on one core; more wells are a seeded sample.
+    umap_max_wells: int = 10000
     example_treatments: int = 24
     table_rows: int = 50
     legend_entries: int = 20
@@ -25,6 +27,7 @@ class ReportOptions:
         for key, value, minimum in (
             ("umap_neighbors", self.umap_neighbors, 2),
             ("umap_min_wells", self.umap_min_wells, 3),
+            ("umap_max_wells", self.umap_max_wells, self.umap_min_wells),
             ("example_treatments", self.example_treatments, 0),
             ("table_rows", self.table_rows, 1),
         ):

@@ -156,6 +156,17 @@ def discover_sets(results: Path) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def external_sets(results: Path, sets: Sequence[str]) -> list[str]:
+    """Sets brought in as profile tables (config ``external:``): profiles or evaluations on disk but
+    no per-plate ``features/<set>/``.  They have no sites, so no per-site QC and no training."""
+    return [
+        name
+        for name in sets
+        if not (results / "features" / name).is_dir()
+        and ((results / "profiles" / name).is_dir() or (results / "eval" / name).is_dir())
+    ]
+
+
 def sorted_by_plate(files: list[Path], plates: Sequence[str], plate_of=lambda path: path.stem) -> list[Path]:
     """Files of plates in the manifest's plate order (plates it does not list last, by name)."""
     order = {p: i for i, p in enumerate(plates)}

@@ -10,7 +10,7 @@ import pandas as pd
 from ..errors import DataError
 from .content import Heading, Table, blocks, caption, code, error_note, missing, note, table_from_frame
 from .contracts import read_manifest_summary
-from .readers import channels_from_manifest
+from .readers import channels_from_manifest, external_sets
 
 
 def summary_blocks(results: Path, manifest: pd.DataFrame | None, sets: Sequence[str]):
@@ -84,7 +84,48 @@ def summary_blocks(results: Path, manifest: pd.DataFrame | None, sets: Sequence[
     parts += [Heading("Plates"), table_from_frame(per_plate)]
     parts.append(caption("From ", code(path.relative_to(results)), "."))
     parts += manifest_summary_blocks(results)
+    parts += feature_set_blocks(results, sets)
     return blocks(parts)
+
+
+def _rows_in(path: Path) -> int | None:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows if path.is_file() else None
+
+
+def feature_set_blocks(results: Path, sets: Sequence[str]):
+    """Where each set's profiles come from: per-plate features of this run, or an external table."""
+    if not sets:
+        return []
+    external = set(external_sets(results, sets))
+    records = []
+    for name in sets:
+        plate_files = sorted((results / "features" / name).glob("*.parquet"))
+        source = (
+            "external profile table (no per-site features)"
+            if name in external
+            else f"per-site features, {len(plate_files):,} plate file(s)"
+        )
+        records.append(
+            {
+                "feature set": name,
+                "profiles from": source,
+                "well profiles": _rows_in(results / "profiles" / name / "normalized.parquet"),
+                "treatment profiles": _rows_in(results / "profiles" / name / "consensus.parquet"),
+            }
+        )
+    return [
+        Heading("Feature sets"),
+        Table(("feature set", "profiles from", "well profiles", "treatment profiles"), tuple(records)),
+        caption(
+            "Rows of ",
+            code("profiles/<set>/normalized.parquet"),
+            " and ",
+            code("consensus.parquet"),
+            "; – = not written.",
+        ),
+    ]
 
 
 def _example_words(block: dict, fields: Sequence[str]) -> str:

@@ -23,6 +23,7 @@ from .content import (
     text,
 )
 from .figures import fig_to_png, plt
+from .readers import external_sets
 
 # Sets that are not trained here, so they have no model/<name>/history.csv.
 BASELINE_SETS = ("classic", "untrained", "imagenet")
@@ -83,7 +84,8 @@ def training_figure(history: pd.DataFrame, name: str) -> bytes:
 def training_blocks(results: Path, sets: Sequence[str]):
     model_dir = results / "model"
     histories = sorted(model_dir.glob("*/history.csv")) if model_dir.is_dir() else []
-    trained = [s for s in sets if s not in BASELINE_SETS]
+    external = external_sets(results, sets)
+    trained = [s for s in sets if s not in BASELINE_SETS and s not in external]
     parts = []
     for path in histories:
         name = path.parent.name
@@ -122,7 +124,7 @@ def training_blocks(results: Path, sets: Sequence[str]):
     if not parts:
         parts.append(
             note(
-                "No model was trained in this run (only baseline feature sets "
+                "No model was trained in this run (only baseline or external feature sets "
                 f"{', '.join(sets) or '–'}), so there are no training curves."
             )
         )

@@ -12,7 +12,7 @@ import pandas as pd
 from .content import Figure, Heading, blocks, bold, code, guarded, missing, note, text
 from .figures import categorical_colors, fig_to_png, plt
 from .options import ReportOptions
-from .readers import feature_columns, read_parquet
+from .readers import feature_columns
 
 
 def embed_2d(features: np.ndarray, options: ReportOptions) -> tuple[np.ndarray, str]:
@@ -41,21 +41,66 @@ def embed_2d(features: np.ndarray, options: ReportOptions) -> tuple[np.ndarray, 
     )
 
 
+# Profiles the map is drawn from, in order of preference: normalized well profiles, or, for a set
+# that only has treatment-level profiles (an external consensus table), those.
+PROFILE_TABLES = (("normalized.parquet", "well"), ("consensus.parquet", "treatment"))
+_LABEL_COLUMNS = ("Metadata_Treatment", "Metadata_moa", "Metadata_Plate")
+
+
+def profile_table(results: Path, name: str) -> tuple[Path, str] | None:
+    for file_name, level in PROFILE_TABLES:
+        path = results / "profiles" / name / file_name
+        if path.is_file():
+            return path, level
+    return None
+
+
+def read_profile_sample(path: Path, *, max_rows: int, seed: int) -> tuple[pd.DataFrame, np.ndarray, int]:
+    """(label columns, float32 features, rows in the file) of at most ``max_rows`` rows.
+
+    At JUMP size a table holds 400,000 wells × 672 features per set: only the label columns are
+    read whole; feature rows are taken batch by batch, so memory follows the sample, not the file.
+    The sample is a seeded uniform draw (same seed, same rows).
+    """
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    names = parquet.schema_arrow.names
+    n_rows = parquet.metadata.num_rows
+    rows = np.arange(n_rows)
+    if n_rows > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(n_rows, size=max_rows, replace=False))
+    labels = parquet.read(columns=[c for c in _LABEL_COLUMNS if c in names]).to_pandas()
+    labels = labels.iloc[rows].reset_index(drop=True)
+    features = feature_columns(names)
+    out = np.empty((len(rows), len(features)), dtype=np.float32)
+    start = 0
+    for batch in parquet.iter_batches(batch_size=65536, columns=features):
+        stop = start + batch.num_rows
+        lo, hi = np.searchsorted(rows, [start, stop])
+        if hi > lo and features:
+            taken = batch.take(rows[lo:hi] - start).to_pandas()
+            out[lo:hi] = taken.to_numpy(dtype=np.float32, na_value=np.nan)
+        start = stop
+    return labels, out, n_rows
+
+
 def _embedding_figure(results: Path, name: str, options: ReportOptions):
-    path = results / "profiles" / name / "normalized.parquet"
-    if not path.is_file():
-        return missing(f"normalized well profiles of {name}", path)
-    df = read_parquet(path)
-    features = (
-        df[feature_columns(df.columns)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-    )
+    found = profile_table(results, name)
+    if found is None:
+        return missing(
+            f"normalized well profiles of {name}", results / "profiles" / name / "normalized.parquet"
+        )
+    path, level = found
+    unit = "wells" if level == "well" else "treatments"
+    df, features, n_total = read_profile_sample(path, max_rows=options.umap_max_wells, seed=options.seed)
     # Normalisation can leave all-NaN (constant) features; they carry no information.
     keep = np.isfinite(features).any(axis=0)
     features = np.nan_to_num(features[:, keep])
     features = features[:, features.std(axis=0) > 0]
     if features.shape[0] < 3 or features.shape[1] < 2:
         return note(
-            f"{name}: only {features.shape[0]} wells × {features.shape[1]} informative features in ",
+            f"{name}: only {features.shape[0]} {unit} × {features.shape[1]} informative features in ",
             code(path),
             "; nothing to embed.",
         )
@@ -90,13 +135,24 @@ def _embedding_figure(results: Path, name: str, options: ReportOptions):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
+    sampled = (
+        f"a random sample of {len(df):,} of the {n_total:,} {'well' if level == 'well' else 'treatment'} "
+        f"profiles (seed {options.seed}, report.umap_max_wells)"
+        if n_total > len(df)
+        else f"{len(df)} {'well' if level == 'well' else 'treatment'} profiles"
+    )
+    meaning = (
+        "Replicate wells of an active treatment should cluster together and away from the controls; "
+        "clustering by plate instead signals a batch effect."
+        if level == "well"
+        else "Treatment-level profiles (this set has no well profiles): treatments sharing an MoA "
+        "should sit together."
+    )
     words = text(
         bold(name),
-        f": {len(df)} well profiles from ",
+        f": {sampled} from ",
         code(path.relative_to(results)),
-        f", {features.shape[1]} informative features, embedded with {method}. Replicate wells of "
-        "an active treatment should cluster together and away from the controls; clustering by plate "
-        "instead signals a batch effect.",
+        f", {features.shape[1]} informative features, embedded with {method}. {meaning}",
     )
     return Figure(fig_to_png(fig), f"2-D embedding of {name}", words)
 
