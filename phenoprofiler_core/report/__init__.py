@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,8 +30,8 @@ from .content import Heading, Section, error_note, guarded, note
 from .findings import findings_blocks
 from .metrics import map_blocks, metrics_blocks
 from .options import ReportOptions
-from .qc import cell_count_blocks, example_tile_blocks, illumination_blocks, illumination_check_blocks
-from .readers import channels_from_manifest, discover_sets, external_sets, read_parquet
+from .qc import cell_count_blocks, example_tile_blocks, illumination_blocks
+from .readers import channels_from_manifest, discover_sets, external_sets, read_manifest
 from .render import render_page
 from .runtimes import runtime_blocks
 from .summary import summary_blocks
@@ -68,16 +69,14 @@ def _read_manifest(results: Path):
     if not path.is_file():
         return None, ()
     try:
-        manifest = read_parquet(path)
-        if "Metadata_Plate" not in manifest.columns:
-            raise DataError(f"{path}: no Metadata_Plate column")
+        manifest = read_manifest(path)
     except Exception as exc:
         return None, (error_note(path, exc),)
     return manifest, ()
 
 
 def _qc_blocks(results: Path, manifest: pd.DataFrame | None, sets: list[str], options: ReportOptions):
-    plates = [] if manifest is None else [str(p) for p in pd.unique(manifest["Metadata_Plate"])]
+    plates = [] if manifest is None else [str(p) for p in manifest["Metadata_Plate"].unique()]
     channels = channels_from_manifest(manifest)
     external = external_sets(results, sets)
     external_note = (
@@ -93,15 +92,19 @@ def _qc_blocks(results: Path, manifest: pd.DataFrame | None, sets: list[str], op
     return (
         *external_note,
         Heading("Illumination correction"),
-        *guarded(lambda: illumination_check_blocks(results, plates, options.table_rows), results / "illum"),
-        *guarded(lambda: illumination_blocks(results, plates), results / "illum"),
+        *guarded(
+            lambda: illumination_blocks(results, plates, options.table_rows, options.qc_plates),
+            results / "illum",
+        ),
         Heading("Example sites per treatment"),
         *guarded(
             lambda: example_tile_blocks(results, plates, channels, options.example_treatments),
             results / "tiles",
         ),
         Heading("Cell counts per well"),
-        *guarded(lambda: cell_count_blocks(results, plates), results / "features" / "classic"),
+        *guarded(
+            lambda: cell_count_blocks(results, plates, options.qc_plates), results / "features" / "classic"
+        ),
     )
 
 
@@ -112,7 +115,7 @@ def build_sections(results: Path, sets: list[str], options: ReportOptions) -> li
         "summary": (
             (lambda: manifest_problem)
             if manifest_problem
-            else (lambda: summary_blocks(results, manifest, sets)),
+            else (lambda: summary_blocks(results, manifest, sets, options.table_rows)),
             results / "manifest.parquet",
         ),
         "qc": (lambda: _qc_blocks(results, manifest, sets, options), results),
@@ -122,10 +125,13 @@ def build_sections(results: Path, sets: list[str], options: ReportOptions) -> li
         "umap": (lambda: umap_blocks(results, sets, options), results / "profiles"),
         "runtimes": (lambda: runtime_blocks(results), results / "benchmarks"),
     }
-    return [
-        Section(section_id, HEADINGS[section_id], nav, guarded(*builders[section_id]))
-        for section_id, nav in SECTIONS
-    ]
+    sections = []
+    for section_id, nav in SECTIONS:
+        started = time.perf_counter()
+        sections.append(Section(section_id, HEADINGS[section_id], nav, guarded(*builders[section_id])))
+        # Per-section time in the log: where a big dataset's report spends its minutes.
+        log.info("report: section %s in %.1f s", section_id, time.perf_counter() - started)
+    return sections
 
 
 def build_report(
@@ -208,7 +214,21 @@ def register_cli(subparsers) -> None:
         default=defaults.table_rows,
         help="at most this many treatments in the mAP table",
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed of UMAP/PCA")
+    parser.add_argument(
+        "--umap-max-wells",
+        type=int,
+        default=defaults.umap_max_wells,
+        help="profiles per set in the 2-D map; more are a seeded random sample (stated in the caption)",
+    )
+    parser.add_argument(
+        "--qc-plates",
+        type=int,
+        default=defaults.qc_plates,
+        help="plates that get an illumination picture and a cell-count map (those with problems first)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="random seed of UMAP/PCA and the sample"
+    )
     parser.set_defaults(func=_run)
 
 
@@ -220,6 +240,8 @@ def _run(args: argparse.Namespace) -> None:
         umap_min_wells=args.umap_min_wells,
         example_treatments=args.example_treatments,
         table_rows=args.table_rows,
+        umap_max_wells=args.umap_max_wells,
+        qc_plates=args.qc_plates,
         seed=args.seed,
     )
     out = write_report(args.results_dir, args.out, sets=args.sets, options=options)

@@ -120,6 +120,14 @@ def read_illumination_qc(path: Path) -> dict:
     }
 
 
+def illumination_warnings_of(record: dict) -> list[str]:
+    """Every warning of one qc.json record: the plate's, then each channel's (prefixed), once each."""
+    found = list(record["warnings"])
+    for channel, entry in record["channels"].items():
+        found += [f"{channel}: {w}" for w in entry["warnings"] if w not in record["warnings"]]
+    return list(dict.fromkeys(found))
+
+
 def illumination_qc_files(results: Path) -> list[Path]:
     folder = results / "illum"
     return sorted(folder.glob("*/qc.json")) if folder.is_dir() else []

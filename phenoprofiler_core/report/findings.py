@@ -29,7 +29,13 @@ from .content import (
     error_note,
     text,
 )
-from .contracts import illumination_qc_files, read_illumination_qc, read_manifest_summary, read_normalization
+from .contracts import (
+    illumination_qc_files,
+    illumination_warnings_of,
+    read_illumination_qc,
+    read_manifest_summary,
+    read_normalization,
+)
 from .figures import bar_panel, fig_to_png, plt
 from .readers import read_activity, read_parquet
 from .training import read_history
@@ -252,10 +258,11 @@ def _controls_per_plate(manifest_summary, normalization, manifest) -> tuple[dict
         if record:
             return record["controls_per_plate"], "normalization.json"
     if manifest is not None and {"Metadata_pert_type", "Metadata_Well"} <= set(manifest.columns):
-        controls = manifest.loc[manifest["Metadata_pert_type"].astype(str) == "negcon"]
+        controls = manifest.loc[(manifest["Metadata_pert_type"] == "negcon").to_numpy()]
         per_plate = controls.groupby("Metadata_Plate", observed=True)["Metadata_Well"].nunique()
-        plates = pd.unique(manifest["Metadata_Plate"].astype(str))
-        return {str(p): int(per_plate.get(p, 0)) for p in plates}, "manifest.parquet"
+        per_plate.index = per_plate.index.astype(str)
+        plates = [str(p) for p in manifest["Metadata_Plate"].unique()]
+        return {p: int(per_plate.get(p, 0)) for p in plates}, "manifest.parquet"
     return None, ""
 
 
@@ -340,10 +347,10 @@ def training_warnings(results: Path) -> tuple[list, list]:
 def illumination_warnings(records: list[dict]) -> list:
     lines = []
     for record in records:
-        found = list(record["warnings"])
-        for channel, entry in record["channels"].items():
-            found += [f"{channel}: {w}" for w in entry["warnings"] if w not in record["warnings"]]
-        lines += [text(bold(f"Illumination, plate {record['plate']}: "), w) for w in dict.fromkeys(found)]
+        lines += [
+            text(bold(f"Illumination, plate {record['plate']}: "), w)
+            for w in illumination_warnings_of(record)
+        ]
     if len(lines) > LISTED_WARNINGS:
         rest = len(lines) - LISTED_WARNINGS
         lines = lines[:LISTED_WARNINGS] + [

@@ -195,7 +195,9 @@ def map_blocks(results: Path, sets: Sequence[str], table_rows: int):
     fig, ax = plt().subplots(figsize=(7.5, 3.4))
     for name, df in per_set.items():
         values = np.sort(df["map"].dropna().to_numpy())[::-1]
-        ax.plot(np.arange(1, len(values) + 1), values, marker="o", ms=3, label=name)
+        # markers help with a few treatments; with 100,000 they only hide the curve
+        marker = "o" if len(values) <= 200 else None
+        ax.plot(np.arange(1, len(values) + 1), values, marker=marker, ms=3, label=name)
     ax.set_xlabel("treatments ranked by mAP", fontsize=9)
     ax.set_ylabel("mAP (activity)", fontsize=9)
     ax.set_ylim(-0.02, 1.02)

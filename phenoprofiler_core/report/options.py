@@ -19,6 +19,9 @@ class ReportOptions:
     # UMAP of 10,000 points takes about a minute on one core; more wells are a seeded sample.
     umap_max_wells: int = 10000
     example_treatments: int = 24
+    # Plates that get an illumination picture and a cell-count map each (~150 KB per plate in
+    # the page); every plate is still in the tables and the all-plates overview.
+    qc_plates: int = 24
     table_rows: int = 50
     legend_entries: int = 20
     seed: int = 0
@@ -29,6 +32,7 @@ class ReportOptions:
             ("umap_min_wells", self.umap_min_wells, 3),
             ("umap_max_wells", self.umap_max_wells, self.umap_min_wells),
             ("example_treatments", self.example_treatments, 0),
+            ("qc_plates", self.qc_plates, 1),
             ("table_rows", self.table_rows, 1),
         ):
             if value < minimum:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from ..errors import DataError
 from .content import (
@@ -24,37 +25,52 @@ from .content import (
     note,
     text,
 )
-from .contracts import illumination_qc_files, read_illumination_qc
+from .contracts import illumination_qc_files, illumination_warnings_of, read_illumination_qc
 from .figures import array_to_png, fig_to_png, plt
 from .readers import count_column, plate_shape, read_parquet, row_label, sorted_by_plate, well_position
 
 
-def illumination_check_blocks(results: Path, plates: list[str], table_rows: int):
-    """The illumination step's checks per plate (qc.json): sites used, max/min ratio per channel."""
-    files = sorted_by_plate(illumination_qc_files(results), plates, plate_of=lambda path: path.parent.name)
-    if not files:
-        return blocks(missing("illumination checks", results / "illum" / "<plate>" / "qc.json"))
+def _plate_folder(path: Path) -> str:
+    """The plate of a file under illum/<plate>/."""
+    return path.parent.name
+
+
+def _capped(notes: list, limit: int, what: str) -> list:
+    """At a thousand plates one broken input per plate must not become a thousand notes."""
+    if len(notes) <= limit:
+        return notes
+    return notes[:limit] + [note(f"… and {len(notes) - limit:,} more {what}.")]
+
+
+def illumination_blocks(results: Path, plates: list[str], table_rows: int, max_plates: int):
+    """The illumination step's checks per plate (qc.json) as a table, then its QC pictures."""
     records, notes = [], []
-    for path in files:
+    for path in sorted_by_plate(illumination_qc_files(results), plates, plate_of=_plate_folder):
         try:
             records.append(read_illumination_qc(path))
         except Exception as exc:
             notes.append(error_note(path, exc))
-    if not records:
-        return blocks(notes)
+    parts = _capped(notes, 5, "unreadable qc.json files")
+    if records:
+        parts += _illumination_table(records, table_rows)
+    elif not notes:
+        parts.append(missing("illumination checks", results / "illum" / "<plate>" / "qc.json"))
+    flagged = {r["plate"] for r in records if illumination_warnings_of(r)}
+    parts += _illumination_pictures(results, plates, flagged, max_plates)
+    return blocks(parts)
+
+
+def _illumination_table(records: list[dict], table_rows: int) -> list:
     channels = list(dict.fromkeys(c for r in records for c in r["channels"]))
     rows = []
     for record in records:
-        found = list(record["warnings"])
-        for channel, entry in record["channels"].items():
-            found += [f"{channel}: {w}" for w in entry["warnings"] if w not in record["warnings"]]
         row = {"plate": record["plate"], "sites": record["n_sites"]}
         for channel in channels:
             entry = record["channels"].get(channel)
             ratio = np.nan if entry is None else entry["max_over_min"]
             flagged = entry is not None and (entry["warnings"] or ratio > record["max_ratio_limit"])
             row[f"max/min {channel}"] = Marked(ratio, "warn") if flagged else ratio
-        row["warnings"] = "; ".join(dict.fromkeys(found))
+        row["warnings"] = "; ".join(illumination_warnings_of(record))
         rows.append(row)
     # Plates with warnings first: at a thousand plates the table is capped, the problems are not.
     rows.sort(key=lambda row: not row["warnings"])
@@ -71,13 +87,17 @@ def illumination_check_blocks(results: Path, plates: list[str], table_rows: int)
             f" Showing {len(shown)} of {len(rows):,} plates, those with warnings first (report.table_rows)."
         )
     columns = ("plate", "sites", *(f"max/min {c}" for c in channels), "warnings")
-    return blocks(notes, Table(columns, tuple(shown), number_format="{:.2f}"), caption(words))
+    return [Table(columns, tuple(shown), number_format="{:.2f}"), caption(words)]
 
 
-def illumination_blocks(results: Path, plates: list[str]):
+def _illumination_pictures(results: Path, plates: list[str], flagged: set[str], max_plates: int) -> list:
     illum_dir = results / "illum"
     candidates = sorted(illum_dir.glob("*/qc.png")) if illum_dir.is_dir() else []
-    candidates = sorted_by_plate(candidates, plates, plate_of=lambda path: path.parent.name)
+    candidates = sorted_by_plate(candidates, plates, plate_of=_plate_folder)
+    total = len(candidates)
+    if total > max_plates:
+        # plates whose functions were flagged first (stable: then in plate order)
+        candidates = sorted(candidates, key=lambda path: _plate_folder(path) not in flagged)[:max_plates]
     pictures = []
     for path in candidates:
         try:
@@ -101,8 +121,16 @@ def illumination_blocks(results: Path, plates: list[str]):
             )
         )
     if not pictures:
-        return blocks(missing("illumination QC pictures", illum_dir / "<plate>" / "qc.png"))
-    return blocks(Gallery(tuple(pictures)))
+        return [missing("illumination QC pictures", illum_dir / "<plate>" / "qc.png")]
+    parts = [Gallery(tuple(pictures))]
+    if total > len(candidates):
+        parts.append(
+            caption(
+                f"Pictures of {len(candidates)} of {total:,} plates, plates with illumination warnings "
+                "first (report.qc_plates)."
+            )
+        )
+    return parts
 
 
 def to_unit(tile: np.ndarray) -> np.ndarray:
@@ -163,16 +191,22 @@ def example_tile_blocks(results: Path, plates: list[str], channels: list[str], e
             notes.append(missing(f"tile index of plate {npy.stem}", index_path))
             continue
         try:
-            sites = read_parquet(index_path)
+            columns = pq.read_schema(index_path).names
+            if "Metadata_Treatment" not in columns:
+                notes.append(note(code(index_path), " has no ", code("Metadata_Treatment"), " column."))
+                continue
+            sites = read_parquet(
+                index_path, [c for c in ("Metadata_Treatment", "Metadata_pert_type") if c in columns]
+            )
         except Exception as exc:
             notes.append(error_note(index_path, exc))
             continue
-        if "Metadata_Treatment" not in sites.columns:
-            notes.append(note(code(index_path), " has no ", code("Metadata_Treatment"), " column."))
-            continue
-        pert = sites.get("Metadata_pert_type", pd.Series("trt", index=sites.index)).astype(str)
-        for position, (treatment, kind) in enumerate(zip(sites["Metadata_Treatment"].astype(str), pert)):
-            examples.setdefault(treatment, (npy, position, kind))
+        # the first site of each treatment on this plate (row number = position in the tile file)
+        first = sites.astype(str).drop_duplicates("Metadata_Treatment")
+        kinds = first["Metadata_pert_type"] if "Metadata_pert_type" in first.columns else ["trt"] * len(first)
+        for position, treatment, kind in zip(first.index, first["Metadata_Treatment"], kinds):
+            examples.setdefault(treatment, (npy, int(position), kind))
+    notes = _capped(notes, 5, "plates without a readable tile index")
     if not examples:
         return blocks(notes) or blocks(missing("site tiles", tiles_dir / "<plate>.npy"))
 
@@ -233,45 +267,79 @@ def example_tile_blocks(results: Path, plates: list[str], channels: list[str], e
     return blocks(notes, parts)
 
 
-def cell_count_blocks(results: Path, plates: list[str]):
+def cell_count_blocks(results: Path, plates: list[str], max_plates: int):
     classic_dir = results / "features" / "classic"
     files = sorted(classic_dir.glob("*.parquet")) if classic_dir.is_dir() else []
     files = sorted_by_plate(files, plates)
     if not files:
         return blocks(missing("classic features with cell counts", classic_dir / "<plate>.parquet"))
-    import pyarrow.parquet as pq
-
-    notes, figures = [], []
+    counts: dict[str, tuple[str, pd.Series, pd.Series]] = {}  # plate -> (column, cells, sites per well)
+    without, errors = [], []
     for path in files:
         try:
             column = count_column(pq.read_schema(path).names)
             if column is None:
-                notes.append(
-                    note(
-                        "No ",
-                        code("Count_*"),
-                        " column in ",
-                        code(path.relative_to(results)),
-                        "; cell counts not shown for this plate.",
-                    )
-                )
+                without.append(path.stem)
                 continue
             # Read only the columns needed: classic feature tables have thousands of columns.
             df = read_parquet(path, ["Metadata_Well", column])
         except Exception as exc:
-            notes.append(error_note(path, exc))
+            errors.append(error_note(path, exc))
             continue
-        figure = _plate_heatmap(df, column, path.stem)
-        if isinstance(figure, Figure):
-            figures.append(figure)
-        else:
-            notes.append(figure)
-    return blocks(notes, Gallery(tuple(figures)) if figures else None)
+        by_well = df.groupby("Metadata_Well", observed=True)[column]
+        counts[path.stem] = (column, by_well.sum(), by_well.size())
+    notes = _capped(errors, 5, "unreadable classic feature tables")
+    if without:
+        listed = ", ".join(without[:5]) + (f" and {len(without) - 5:,} more" if len(without) > 5 else "")
+        where = (
+            code(f"features/classic/{without[0]}.parquet") if len(without) == 1 else "the tables of plates"
+        )
+        notes.append(
+            note(
+                "No ", code("Count_*"), " column in ", where, f" ({listed}); cell counts not shown for them."
+            )
+        )
+    shown = list(counts)
+    parts = []
+    if len(counts) > max_plates:
+        # Too many plates for a map each: map the plates whose median cell count is furthest
+        # from the typical plate's (empty or overgrown plates), and show every plate as a dot.
+        medians = pd.Series({plate: cells.median() for plate, (_, cells, _) in counts.items()})
+        typical = medians.median()
+        distance = (np.log((medians + 1) / (typical + 1))).abs()
+        chosen = set(distance.sort_values(ascending=False, kind="stable").index[:max_plates])
+        shown = [plate for plate in counts if plate in chosen]
+        parts.append(_plate_medians_figure(medians, chosen, typical))
+    figures = []
+    for plate in shown:
+        column, cells, sites = counts[plate]
+        figure = _plate_heatmap(cells, sites, column, plate)
+        (figures if isinstance(figure, Figure) else notes).append(figure)
+    return blocks(notes, parts, Gallery(tuple(figures)) if figures else None)
 
 
-def _plate_heatmap(df: pd.DataFrame, column: str, plate: str):
-    per_well = df.groupby("Metadata_Well")[column].sum()
-    n_sites = df.groupby("Metadata_Well").size()
+def _plate_medians_figure(medians: pd.Series, chosen: set[str], typical: float) -> Figure:
+    fig, ax = plt().subplots(figsize=(9.0, 2.8))
+    x = np.arange(len(medians))
+    marked = medians.index.isin(list(chosen))
+    ax.scatter(x[~marked], medians[~marked], s=6, color="#4c78a8", label="plate")
+    ax.scatter(x[marked], medians[marked], s=14, color="#d64545", label="mapped below")
+    ax.axhline(typical, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("plate (manifest order)", fontsize=8)
+    ax.set_ylabel("median cells per well", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    return Figure(
+        fig_to_png(fig),
+        "median cells per well of every plate",
+        text(
+            f"Median cells per well of all {len(medians):,} plates (dotted: the median plate, "
+            f"{typical:.0f}); the {len(chosen)} plates furthest from it are mapped below (report.qc_plates)."
+        ),
+    )
+
+
+def _plate_heatmap(per_well: pd.Series, n_sites: pd.Series, column: str, plate: str):
     positions = {w: well_position(w) for w in per_well.index}
     if any(p is None for p in positions.values()):
         bad = [w for w, p in positions.items() if p is None][:3]

@@ -20,9 +20,36 @@ def feature_columns(columns: Sequence[str]) -> list[str]:
     return [c for c in columns if not str(c).startswith("Metadata_")]
 
 
+# The manifest columns the report uses; the Path_<channel> columns (most of the file at millions
+# of sites) are only counted from the schema.
+MANIFEST_COLUMNS = (
+    "Metadata_Plate",
+    "Metadata_Well",
+    "Metadata_Site",
+    "Metadata_Treatment",
+    "Metadata_pert_type",
+    "Metadata_moa",
+)
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """The manifest's metadata columns, strings as categoricals; channels in ``attrs["channels"]``."""
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(path).names
+    if "Metadata_Plate" not in names:
+        raise DataError(f"{path}: no Metadata_Plate column")
+    table = pq.read_table(path, columns=[c for c in MANIFEST_COLUMNS if c in names])
+    manifest = table.to_pandas(strings_to_categorical=True)
+    manifest.attrs["channels"] = [c[len("Path_") :] for c in names if c.startswith("Path_")]
+    return manifest
+
+
 def channels_from_manifest(manifest: pd.DataFrame | None) -> list[str]:
     if manifest is None:
         return []
+    if "channels" in manifest.attrs:
+        return list(manifest.attrs["channels"])
     return [c[len("Path_") :] for c in manifest.columns if str(c).startswith("Path_")]
 
 

@@ -13,21 +13,28 @@ from .contracts import read_manifest_summary
 from .readers import channels_from_manifest, external_sets
 
 
-def summary_blocks(results: Path, manifest: pd.DataFrame | None, sets: Sequence[str]):
+def summary_blocks(results: Path, manifest: pd.DataFrame | None, sets: Sequence[str], table_rows: int):
     path = results / "manifest.parquet"
     if manifest is None:
         return blocks(missing("the site manifest", path))
     needed = {"Metadata_Plate", "Metadata_Well"}
     if not needed <= set(manifest.columns):
         raise DataError(f"{path}: needs columns {sorted(needed)}; has {list(manifest.columns)[:12]}")
+    # The manifest has a row per site (3.6 million at JUMP size) and categorical columns: compare
+    # and group the categories, never convert every row to a Python string.
     wells = manifest[["Metadata_Plate", "Metadata_Well"]].drop_duplicates()
     channels = channels_from_manifest(manifest)
-    pert = manifest.get("Metadata_pert_type", pd.Series("trt", index=manifest.index)).astype(str)
-    treatment = manifest.get("Metadata_Treatment", pd.Series("", index=manifest.index)).astype(str)
-    is_control = pert.isin(["negcon", "poscon"])
-    moa = manifest.get("Metadata_moa", pd.Series("", index=manifest.index)).fillna("").astype(str)
+    pert = manifest.get("Metadata_pert_type", pd.Series("trt", index=manifest.index))
+    treatment = manifest.get("Metadata_Treatment", pd.Series("", index=manifest.index))
+    is_control = pert.isin(["negcon", "poscon"]).to_numpy()
+    moa = manifest.get("Metadata_moa", pd.Series("", index=manifest.index))
     moa_labels = sorted(
-        {label.strip() for value in moa.unique() for label in value.split("|") if label.strip()}
+        {
+            label.strip()
+            for value in pd.unique(moa.dropna())
+            for label in str(value).split("|")
+            if label.strip()
+        }
     )
 
     facts = [
@@ -50,8 +57,13 @@ def summary_blocks(results: Path, manifest: pd.DataFrame | None, sets: Sequence[
     ]
 
     if is_control.any():
-        controls = manifest.loc[is_control, ["Metadata_Plate", "Metadata_Well"]].assign(
-            **{"control type": pert[is_control], "treatment": treatment[is_control]}
+        controls = pd.DataFrame(
+            {
+                "plate": manifest["Metadata_Plate"].to_numpy()[is_control],
+                "well": manifest["Metadata_Well"].to_numpy()[is_control],
+                "control type": pert[is_control].astype(str).to_numpy(),
+                "treatment": treatment[is_control].astype(str).to_numpy(),
+            }
         )
         keys = ["control type", "treatment"]
         per_control = pd.DataFrame(
@@ -64,28 +76,43 @@ def summary_blocks(results: Path, manifest: pd.DataFrame | None, sets: Sequence[
     else:
         parts.append(note("No control wells are marked in ", code("Metadata_pert_type"), " (negcon/poscon)."))
 
-    per_plate = (
-        manifest.assign(_negcon=(pert == "negcon"))
-        .groupby("Metadata_Plate")
-        .agg(
-            wells=("Metadata_Well", "nunique"),
-            sites=("Metadata_Well", "size"),
-            negcon_sites=("_negcon", "sum"),
-        )
-        .reset_index()
-        .rename(columns={"Metadata_Plate": "plate", "negcon_sites": "negative-control sites"})
-    )
-    per_plate["negative-control sites"] = per_plate["negative-control sites"].astype(int)
-    # Wells, not sites, are what normalization and copairs count as control replicates.
-    negcon_wells = (
-        manifest.loc[pert == "negcon"].groupby("Metadata_Plate", observed=True)["Metadata_Well"].nunique()
-    )
-    per_plate["negative-control wells"] = [int(negcon_wells.get(p, 0)) for p in per_plate["plate"]]
-    parts += [Heading("Plates"), table_from_frame(per_plate)]
+    parts += [Heading("Plates"), *_plate_table(manifest, pert, table_rows)]
     parts.append(caption("From ", code(path.relative_to(results)), "."))
     parts += manifest_summary_blocks(results)
     parts += feature_set_blocks(results, sets)
     return blocks(parts)
+
+
+def _plate_table(manifest: pd.DataFrame, pert: pd.Series, table_rows: int):
+    is_negcon = (pert == "negcon").to_numpy()
+    plate = manifest["Metadata_Plate"]
+    per_plate = pd.DataFrame(
+        {
+            "wells": manifest.groupby(plate, observed=True)["Metadata_Well"].nunique(),
+            "sites": plate.value_counts(),
+            "negative-control sites": pd.Series(is_negcon, index=manifest.index)
+            .groupby(plate, observed=True)
+            .sum(),
+            # Wells, not sites, are what normalization and copairs count as control replicates.
+            "negative-control wells": manifest.loc[is_negcon]
+            .groupby("Metadata_Plate", observed=True)["Metadata_Well"]
+            .nunique(),
+        }
+    )
+    per_plate = per_plate.fillna(0).astype(int).rename_axis("plate").reset_index()
+    per_plate["plate"] = per_plate["plate"].astype(str)
+    per_plate = per_plate.sort_values("plate", kind="stable").reset_index(drop=True)
+    if len(per_plate) <= table_rows:
+        return [table_from_frame(per_plate)]
+    # A thousand plates do not fit a page; the ones a reader must check do: fewest controls first.
+    shown = per_plate.sort_values(["negative-control wells", "plate"]).head(table_rows)
+    return [
+        table_from_frame(shown),
+        caption(
+            f"Showing the {len(shown)} of {len(per_plate):,} plates with the fewest negative-control wells "
+            "(report.table_rows)."
+        ),
+    ]
 
 
 def _rows_in(path: Path) -> int | None:
