@@ -113,3 +113,10 @@ def test_bar_panel_without_numbers_says_why(axes):
     bar_panel(axes, ["a", "b"], [np.nan, np.nan], title="t", why_empty=NO_MOA)
     assert not axes.axison and not axes.patches
     assert _labels(axes) == [f"n/a: {NO_MOA}"]
+
+
+def test_bar_panel_all_zero_keeps_a_scale(axes):
+    bar_panel(axes, ["a", "b"], [0.0, 0.0], title="t", value_labels=["0 of 4", "0 of 9"])
+    assert [patch.get_height() for patch in axes.patches] == [0.0, 0.0]
+    assert _labels(axes) == ["0 of 4", "0 of 9"]
+    assert axes.get_ylim() == (0.0, 1.0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import logging
+import resource
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -129,8 +130,13 @@ def build_sections(results: Path, sets: list[str], options: ReportOptions) -> li
     for section_id, nav in SECTIONS:
         started = time.perf_counter()
         sections.append(Section(section_id, HEADINGS[section_id], nav, guarded(*builders[section_id])))
-        # Per-section time in the log: where a big dataset's report spends its minutes.
-        log.info("report: section %s in %.1f s", section_id, time.perf_counter() - started)
+        # Per-section time and memory in the log: where a big dataset's report spends its minutes.
+        log.info(
+            "report: section %s in %.1f s (peak memory so far %s MB)",
+            section_id,
+            time.perf_counter() - started,
+            f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f}",
+        )
     return sections
 
 

@@ -130,7 +130,8 @@ def bar_panel(
                 fontsize=7,
             )
     low = min(drawn.min(), 0.0) - (0.18 * span if bottom < 0 or np.isneginf(values).any() else 0.0)
-    high = max(drawn.max(), 0.0) + 0.18 * span
+    # all zeros: a 0-1 axis, so the zero bars read as "0 of a scale", not as a squashed plot
+    high = 1.0 if not drawn.any() else max(drawn.max(), 0.0) + 0.18 * span
     (ax.set_xlim if horizontal else ax.set_ylim)(low, high)
     ticks = ax.set_yticks if horizontal else ax.set_xticks
     if horizontal:
