@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image
 
 from phenoprofiler_core import report
 from phenoprofiler_core.cli import main
+from phenoprofiler_core.report import readers
 
 CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
 SETS = ["classic", "untrained", "demo_model"]
@@ -47,8 +49,93 @@ def _well_layout():
     return rows
 
 
-def make_fake_results(root: Path, *, n_wells_profiles: int | None = None) -> Path:
-    """Build results/<dataset>/ with every input the report reads."""
+def write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def normalization_record(
+    scope: str, *, method="mad_robustize", reason="", warnings=(), batch_column=None
+) -> dict:
+    """profiles/<set>/normalization.json as the profiles step writes it (docs/CONTRACTS.md)."""
+    return {
+        "method": method,
+        "scope": scope,
+        "batch_column": batch_column,
+        "reason": reason,
+        "controls_per_plate": {"P1": 2, "P2": 2},
+        "min_controls_per_plate": 16,
+        "warnings": list(warnings),
+    }
+
+
+def illumination_qc_record(
+    plate: str, *, n_sites: int, mito_ratio: float, warnings=(), mito_warnings=()
+) -> dict:
+    """illum/<plate>/qc.json as the illumination step writes it (docs/CONTRACTS.md)."""
+    return {
+        "plate": plate,
+        "n_sites": n_sites,
+        "min_sites": 50,
+        "max_ratio_limit": 4.0,
+        "channels": {
+            "DNA": {"max_over_min": 1.8, "warnings": []},
+            "Mito": {"max_over_min": mito_ratio, "warnings": list(mito_warnings)},
+        },
+        "warnings": list(warnings),
+    }
+
+
+# manifest.summary.json as the manifest step writes it (docs/CONTRACTS.md), for the fake layout.
+MANIFEST_SUMMARY = {
+    "sites": 40,
+    "plates": 2,
+    "wells": 20,
+    "treatments": 4,
+    "controls_per_plate": {"P1": 2, "P2": 2},
+    "platemap_wells_without_images": {
+        "count": 3,
+        "examples": [{"plate": "P1", "well": "H12", "treatment": "taxol"}],
+    },
+    "images_without_platemap_row": {"count": 0, "examples": []},
+    "warnings": ["plate P1: 3 plate-map wells have no images"],
+}
+
+
+def write_contract_files(results: Path) -> None:
+    """The JSON records of the manifest, illumination and profiles steps: classic pooled,
+    untrained per batch, demo_model per plate; plate P1 with illumination warnings."""
+    write_json(results / "manifest.summary.json", MANIFEST_SUMMARY)
+    write_json(
+        results / "illum" / "P1" / "qc.json",
+        illumination_qc_record(
+            "P1",
+            n_sites=20,
+            mito_ratio=6.5,
+            warnings=["only 20 sites (< 50)"],
+            mito_warnings=["max/min 6.5 above 4"],
+        ),
+    )
+    write_json(results / "illum" / "P2" / "qc.json", illumination_qc_record("P2", n_sites=60, mito_ratio=1.5))
+    write_json(
+        results / "profiles" / "classic" / "normalization.json",
+        normalization_record("pooled", reason="plate(s) P1, P2 have fewer than 16 control wells"),
+    )
+    write_json(
+        results / "profiles" / "untrained" / "normalization.json",
+        normalization_record("batch", batch_column="Metadata_Batch", reason="every batch has 16 controls"),
+    )
+    write_json(
+        results / "profiles" / "demo_model" / "normalization.json",
+        normalization_record(
+            "plate", reason="profiles.normalize_scope is 'plate'", warnings=["MAD from 2 wells"]
+        ),
+    )
+
+
+def make_fake_results(root: Path, *, n_wells_profiles: int | None = None, contracts: bool = False) -> Path:
+    """Build results/<dataset>/ with every input the report reads (``contracts``: also the JSON
+    records of other steps; off, the folder is what the pipeline wrote before they existed)."""
     results = root / "results" / "fake"
     rng = np.random.default_rng(0)
     layout = _well_layout()
@@ -99,6 +186,14 @@ def make_fake_results(root: Path, *, n_wells_profiles: int | None = None) -> Pat
         classic["Intensity_MeanIntensity_DNA"] = rng.random(len(meta)).astype(np.float32)
         (results / "features" / "classic").mkdir(parents=True, exist_ok=True)
         classic.to_parquet(results / "features" / "classic" / f"{plate}.parquet", index=False)
+        # the embedded sets' per-site features (own generator: the values above stay as they were)
+        embedding_rng = np.random.default_rng(1)
+        for name in SETS[1:]:
+            embedded = meta.copy()
+            for j in range(8):
+                embedded[f"emb{j:03d}"] = embedding_rng.normal(size=len(meta)).astype(np.float32)
+            (results / "features" / name).mkdir(parents=True, exist_ok=True)
+            embedded.to_parquet(results / "features" / name / f"{plate}.parquet", index=False)
 
     history = []
     for stage in (1, 2):
@@ -176,6 +271,8 @@ def make_fake_results(root: Path, *, n_wells_profiles: int | None = None) -> Pat
                 "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
                 f"{12.5 if rule == 'train' else 2.25}\t0:00:12\t812.4\t900.1\t700\t710\t1.0\t2.0\t95.0\t11.0\n"
             )
+    if contracts:
+        write_contract_files(results)
     return results
 
 
@@ -197,7 +294,7 @@ def data_pngs(fragment: str) -> list[bytes]:
 @pytest.fixture(scope="module")
 def full_report(tmp_path_factory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("report")
-    results = make_fake_results(root)
+    results = make_fake_results(root, contracts=True)
     out = results / "report.html"
     rc = main(
         [
@@ -288,7 +385,8 @@ def test_self_contained_and_images_decode(full_report):
     srcs = re.findall(r'src="([^"]*)"', page)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
     images = data_pngs(page)
-    assert len(images) == len(srcs) == 10 + 1 + 1 + 1 + 3 + 1
+    # qc 10 + training 1 + metrics 1 + map 1 + umap 3 + runtimes 1 + findings chart 1
+    assert len(images) == len(srcs) == 10 + 1 + 1 + 1 + 3 + 1 + 1
     for png in images:
         with Image.open(io.BytesIO(png)) as image:
             image.verify()
@@ -345,7 +443,7 @@ def test_activity_table_keeps_doses_apart(tmp_path):
             "corrected_p_value": [0.5, 0.01, 0.04],
         }
     ).to_parquet(path)
-    table = report._read_activity(path).set_index("treatment")
+    table = readers.read_activity(path).set_index("treatment")
     assert table.loc["drug1 [BRD-1@10uM]", "map"] == pytest.approx(0.8)
     assert table.loc["drug1 [BRD-1@1uM]", "map"] == pytest.approx(0.2)
     assert table.loc["drug2", "map"] == pytest.approx(0.5)
@@ -362,19 +460,20 @@ def test_duplicate_metric_rows_are_flagged(tmp_path):
             "value": [0.5, 0.7, 0.1],
         }
     ).to_parquet(tmp_path / "eval" / "summary.parquet")
-    metrics = report.section_metrics(tmp_path, ["classic", "untrained"])
+    metrics = sections(report.build_report(tmp_path, sets=["classic", "untrained"]))["metrics"]
     assert "1 duplicate (set, metric, variant) rows" in metrics and "classic/map" in metrics
     assert "0.500" in metrics and "0.100" in metrics
 
 
 def test_other_count_column_and_well_names():
-    assert report._count_column(pd.DataFrame(columns=["Metadata_Well", "Count_Cells"])) == "Count_Cells"
-    assert report._well_position("A01") == (0, 0)
-    assert report._well_position("P24") == (15, 23)
-    assert report._well_position("AF48") == (31, 47)
-    assert report._well_position("r02c03") == (1, 2)
-    assert report._well_position("weird") is None
-    assert report._plate_shape(7, 11) == (8, 12) and report._plate_shape(8, 11) == (16, 24)
+    assert readers.count_column(["Metadata_Well", "Count_Cells"]) == "Count_Cells"
+    assert readers.count_column(["Count_Cells", "Count_Nuclei"]) == "Count_Nuclei"
+    assert readers.well_position("A01") == (0, 0)
+    assert readers.well_position("P24") == (15, 23)
+    assert readers.well_position("AF48") == (31, 47)
+    assert readers.well_position("r02c03") == (1, 2)
+    assert readers.well_position("weird") is None
+    assert readers.plate_shape(7, 11) == (8, 12) and readers.plate_shape(8, 11) == (16, 24)
 
 
 def test_bad_option_names_the_key(tmp_path, capsys):
@@ -391,3 +490,17 @@ def test_missing_results_dir_is_an_error(tmp_path, capsys):
     assert main(["report", "--results-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "r.html")]) == 2
     assert "nope" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_names_are_escaped_not_interpreted(tmp_path):
+    """Treatment names and titles are data: the template escapes them (Jinja2 autoescape)."""
+    results = make_fake_results(tmp_path)
+    hostile = '<img src=x onerror="alert(1)"> & co'
+    activity = results / "eval" / "classic" / "map_activity.parquet"
+    table = pd.read_parquet(activity)
+    table.loc[0, "Metadata_Treatment"] = hostile
+    table.to_parquet(activity, index=False)
+    page = report.build_report(results, sets=SETS, options=report.ReportOptions(title="A <b>bold</b> title"))
+    assert "<title>A &lt;b&gt;bold&lt;/b&gt; title</title>" in page
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt; &amp; co" in sections(page)["map"]
+    assert "<img src=x" not in page and "<b>bold</b>" not in page

@@ -74,7 +74,7 @@ def images_ok(dom: str) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def report_page(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("browser")
-    results = make_fake_results(root)
+    results = make_fake_results(root, contracts=True)
     out = results / "report.html"
     report.write_report(results, out, sets=SETS)
     return out

@@ -22,6 +22,8 @@ rule report:
     conda:
         "../../envs/report.yaml"
     # UMAP with a fixed random_state runs single-threaded (reproducible), so one core is enough.
+    # bench/bench_report_scale.py: peak 0.7 GB at BBBC022 size, 0.9 GB and ~3 min at
+    # JUMP-compound size (403,200 wells, 100,000 treatments, 4 sets; 2 busy cores).
     threads: 1
     resources:
         mem_mb=4000,
@@ -35,10 +37,13 @@ rule report:
         umap_min_wells=config["report"]["umap_min_wells"],
         example_treatments=config["report"]["example_treatments"],
         table_rows=config["report"]["table_rows"],
+        umap_max_wells=config["report"]["umap_max_wells"],
+        qc_plates=config["report"]["qc_plates"],
         seed=config["seed"],
     shell:
         "phenoprofiler report --results-dir {params.results_dir:q} --sets {params.sets:q} "
         "--title {params.title:q} --out {output:q} "
         "--umap-neighbors {params.umap_neighbors:q} --umap-min-dist {params.umap_min_dist:q} "
         "--umap-min-wells {params.umap_min_wells:q} --example-treatments {params.example_treatments:q} "
-        "--table-rows {params.table_rows:q} --seed {params.seed:q} > {log:q} 2>&1"
+        "--table-rows {params.table_rows:q} --umap-max-wells {params.umap_max_wells:q} "
+        "--qc-plates {params.qc_plates:q} --seed {params.seed:q} > {log:q} 2>&1"
