@@ -10,8 +10,8 @@ memory-mapped ``tiles/P1.npy`` (float16, 5 × 448², as ``phenoprofiler tiles`` 
     the memory-mapped tiles, fp32 and bf16, eager and compiled; sites/s from the job's own timing,
     compile time, and the break-even site count for ``embed.compile_min_sites.cuda``;
   * a training step with AMP (``train.precision: auto``) at the paper's batch of 200: the stage-2
-    losses through ``phenoprofiler_core.train``'s own loader and epoch loop (``_loader``,
-    ``_run_epoch``) on the paper's model (ResNet50, 448²);
+    losses through training's own loader and epoch loop (``TrainingBatches``,
+    ``run_epoch``) on the paper's model (ResNet50, 448²);
   * DDP on all visible GPUs (when there are more than one): the same loop launched by torchrun,
     global batch 200 split over the processes (nccl), as ``train.distributed.processes`` runs it.
 Prints one table.  ``--smoke`` runs every part on the CPU at tiny sizes (a small timm model, 32²
@@ -44,17 +44,14 @@ from phenoprofiler_core.distributed import (
 from phenoprofiler_core.embed import EmbedConfig, embed_images
 from phenoprofiler_core.model import LossWeights, create_model, paper_model_config
 from phenoprofiler_core.train import (
-    ItemDataset,
     TrainConfig,
-    _global_batches,
-    _loader,
-    _Outputs,
-    _run_epoch,
     load_training_data,
     pick_precision,
     read_targets,
     seed_everything,
 )
+from phenoprofiler_core.train_loader import TrainingBatches, epoch_order, global_batches
+from phenoprofiler_core.train_loop import EpochSetup, Outputs, run_epoch
 
 PLATE = "P1"
 TARGET_DIM = 672
@@ -185,26 +182,30 @@ def timed_steps(args, data, net, optimizer, amp_dtype, device, ctx: DistContext)
     """Seconds per training step: one warm-up step, then ``args.steps`` timed steps (data loading
     included, as in training)."""
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    dataset = ItemDataset(data, np.arange(len(data.labels)))
-    batches = _global_batches(len(data.labels), args.train_batch, True)
+    n = len(data.labels)
+    batches = global_batches(n, args.train_batch, True, epoch_order(n, seed=0, stage=2, epoch=0))
     if len(batches) < args.steps + 1:
         raise SystemExit(
             f"gpu_check: {len(data.labels)} sites give {len(batches)} batches; need {args.steps + 1}"
         )
-    loader_kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda")
+    loader = TrainingBatches(data, workers=args.workers, device=device, ctx=ctx)
+    setup = EpochSetup(net=net, weights=LossWeights(), device=device, amp_dtype=amp_dtype, ctx=ctx)
 
     def run(chosen: list[list[int]]) -> float:
-        loader, counts = _loader(dataset, chosen, ctx, loader_kw)
+        batch_iter, counts = loader.start_pass(chosen)
         ctx.barrier()
         start = time.perf_counter()
-        _run_epoch(net, loader, counts, LossWeights(), device, amp_dtype, ctx, optimizer, scaler)
+        run_epoch(setup, batch_iter, counts, optimizer, scaler)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         ctx.barrier()
         return time.perf_counter() - start
 
-    run(batches[:1])
-    return run(batches[1 : args.steps + 1]) / args.steps
+    try:
+        run(batches[:1])
+        return run(batches[1 : args.steps + 1]) / args.steps
+    finally:
+        loader.close()
 
 
 def check_train(args, root: Path, device: torch.device) -> tuple[list[tuple[str, str, str]], float]:
@@ -233,7 +234,7 @@ def ddp_worker(args) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(
-            _Outputs(model), device_ids=[device.index] if device.type == "cuda" else None
+            Outputs(model), device_ids=[device.index] if device.type == "cuda" else None
         )
         step_s = timed_steps(args, data, net, optimizer, pick_precision("auto", device), device, ctx)
         if ctx.is_main:
