@@ -301,3 +301,58 @@ def test_lincs_activity_beats_shuffled_labels(shared_data):
     )
     assert real_map > null_map + 0.2
     assert real_frac > 0.4 and null_frac < 0.1
+
+
+# ----------------------------------------------------------------------------- notes
+
+
+def test_summary_note_says_why_a_value_is_missing(tmp_path):
+    # 4 treatments on ONE well each (no replicates), MoAs in pairs (no MoA with 3 treatments).
+    rng = np.random.default_rng(2)
+    rows = [("P0", f"W{k}", f"cpd{k}", "trt", f"moa{k // 2}") for k in range(4)]
+    rows += [("P0", f"C{k}", "DMSO", "negcon", "") for k in range(3)]
+    wells = pd.DataFrame(
+        rows,
+        columns=[
+            "Metadata_Plate",
+            "Metadata_Well",
+            "Metadata_TreatmentId",
+            "Metadata_pert_type",
+            "Metadata_moa",
+        ],
+    )
+    wells["Metadata_Treatment"] = wells["Metadata_TreatmentId"]
+    features = [f"f{j}" for j in range(6)]
+    wells[features] = rng.standard_normal((len(wells), 6)).astype(np.float32)
+    folder = tmp_path / "profiles" / "pairs"
+    folder.mkdir(parents=True)
+    wells.to_parquet(folder / "selected.parquet", index=False)
+    profiles.consensus_profiles(wells, features, "median").to_parquet(
+        folder / "consensus.parquet", index=False
+    )
+    evaluate.evaluate_profiles(folder, tmp_path / "eval" / "pairs", null_size=200)
+    summary = evaluate.summarize_set(tmp_path / "eval" / "pairs").set_index("metric")
+    assert summary["note"].map(type).eq(str).all()
+    assert np.isnan(summary.loc["map_activity", "value"])
+    assert summary.loc["map_activity", "note"] == evaluate.NOTE_NO_REPLICATES
+    assert summary.loc["fraction_retrieved_activity", "note"] == evaluate.NOTE_NO_REPLICATES
+    assert np.isnan(summary.loc["map_interpolated", "value"])
+    assert summary.loc["map_interpolated", "note"] == evaluate.NOTE_NO_MOA_OF_THREE
+    for metric in ("map_ap", "map_consistency", "recall_top1pct"):
+        assert np.isfinite(summary.loc[metric, "value"]) and summary.loc[metric, "note"] == "", metric
+
+    # No MoA labels at all: every MoA metric says so; activity is still computed.
+    wells["Metadata_moa"] = ""
+    wells = pd.concat([wells, wells.iloc[:4].assign(Metadata_Well=lambda d: d["Metadata_Well"] + "b")])
+    folder = tmp_path / "profiles" / "unlabelled"
+    folder.mkdir(parents=True)
+    wells.to_parquet(folder / "selected.parquet", index=False)
+    profiles.consensus_profiles(wells, features, "median").to_parquet(
+        folder / "consensus.parquet", index=False
+    )
+    evaluate.evaluate_profiles(folder, tmp_path / "eval" / "unlabelled", null_size=200)
+    summary = evaluate.summarize_set(tmp_path / "eval" / "unlabelled").set_index("metric")
+    assert np.isfinite(summary.loc["map_activity", "value"]) and summary.loc["map_activity", "note"] == ""
+    for metric in ("map_ap", "map_interpolated", "foe_top1_mean", "recall_top10pct", "map_consistency"):
+        assert np.isnan(summary.loc[metric, "value"]), metric
+        assert summary.loc[metric, "note"] == evaluate.NOTE_FEW_ANNOTATED, metric

@@ -120,6 +120,30 @@ def all_targets():
     return targets
 
 
+def profiles_input(wildcards):
+    """The set's per-plate site features, or the external profile table(s) it names."""
+    entry = config["external"].get(wildcards.set)
+    if entry:
+        return {"table": list(entry["paths"])}
+    return {"features": expand(f"{RESULTS}/features/{wildcards.set}/{{plate}}.parquet", plate=PLATES)}
+
+
+def profiles_source_args(wildcards, input):
+    """`--features FILES`, or `--table FILES` + its column mapping, as a list for ``:q``."""
+    entry = config["external"].get(wildcards.set)
+    if entry:
+        from phenoprofiler_core.external import table_arguments
+
+        return ["--table", *input.table] + table_arguments(entry)
+    return ["--features", *input.features]
+
+
+def profiles_batch_arg(wildcards):
+    """--batch-column COLUMN when profiles.batch_column is set, as a list for ``:q``."""
+    column = config["profiles"]["batch_column"]
+    return ["--batch-column", column] if column else []
+
+
 def profiles_correction_alpha(wildcards):
     """alpha of the phenotype correction for this set: 0 when off, for hand-crafted sets and for
     external profile tables (they have no sites to correct)."""

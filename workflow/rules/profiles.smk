@@ -1,30 +1,6 @@
 # Per feature set: site features of every plate -> well, normalized, selected and consensus profiles
 # (pycytominer), with the PhenoProfiler phenotype correction on learned embedding sets.  An external
 # profile table (config `external:`) enters at the well (or treatment) step instead of site features.
-from phenoprofiler_core import external as _external
-
-
-def profiles_input(wildcards):
-    """The set's per-plate site features, or the external profile table(s) it names."""
-    entry = config["external"].get(wildcards.set)
-    if entry:
-        return {"table": list(entry["paths"])}
-    return {"features": expand(f"{RESULTS}/features/{wildcards.set}/{{plate}}.parquet", plate=PLATES)}
-
-
-def profiles_source_args(wildcards, input):
-    """`--features FILES` or `--table FILES` + its column mapping, as a list for ``:q``."""
-    entry = config["external"].get(wildcards.set)
-    if entry:
-        return ["--table", *input.table] + _external.table_arguments(entry)
-    return ["--features", *input.features]
-
-
-def profiles_batch_arg(wildcards):
-    column = config["profiles"]["batch_column"]
-    return ["--batch-column", column] if column else []
-
-
 rule profiles:
     input:
         unpack(profiles_input),
