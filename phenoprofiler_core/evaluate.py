@@ -105,9 +105,9 @@ def _read_profiles(path: Path, required: Sequence[str]) -> tuple[pd.DataFrame, l
     features = feature_columns(df)
     if not features:
         raise DataError(f"{path}: no feature columns")
-    values = df[features].to_numpy(dtype=np.float64)
-    if not np.isfinite(values).all():
-        row = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
+    finite = np.isfinite(df[features].to_numpy()).all(axis=1)  # in the stored precision: no copy to float64
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
         raise DataError(f"{path}: row {row} has NaN/inf features; profiles must be finite to compare")
     df["Metadata_moa"] = df["Metadata_moa"].fillna("").astype(str)
     return df, features
@@ -168,9 +168,8 @@ def activity_map(
         return _with_note(empty, NOTE_NO_NEGCON)
     groups = pd.factorize(wells["Metadata_TreatmentId"])[0]
     pools = pd.factorize(wells["Metadata_Plate"])[0] if same_plate_negcon else None
-    ap = metrics.replicate_average_precision(
-        wells[features].to_numpy(dtype=np.float64), groups, is_negcon, pools=pools
-    )
+    # float32 profiles stay float32 here: the AP kernel converts block by block (as copairs' float64)
+    ap = metrics.replicate_average_precision(wells[features].to_numpy(), groups, is_negcon, pools=pools)
     if ap.empty:
         log.warning("activity mAP: %s - writing an empty table", NOTE_NO_REPLICATES)
         return _with_note(empty, NOTE_NO_REPLICATES)

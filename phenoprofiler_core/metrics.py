@@ -421,37 +421,64 @@ def retrieval_metrics_from_profiles(
 _KEY_SPAN = 4.0  # keys (1 - cosine) lie in [0, 2] (+ float32 rounding); rows are offset by 4
 
 
+def _unit(X: np.ndarray, rows) -> np.ndarray:
+    """Rows of X as float64 unit vectors, computed as copairs' cosine does (a zero row gives NaN).
+
+    Element for element the same as normalizing the whole float64 matrix, so callers can keep X in
+    its stored precision (float32 profiles: half the memory) and normalize block by block.
+    """
+    block = np.asarray(X[rows], dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return block / np.linalg.norm(block, axis=1)[:, None]
+
+
 def _keys(query_unit: np.ndarray, candidate_unit: np.ndarray) -> np.ndarray:
     """copairs' ranking keys 1 - sim, with sim the float32 cosine."""
     sims = (query_unit @ candidate_unit.T).astype(np.float32)
     return np.float32(1.0) - sims
 
 
-def _pair_keys(unit: np.ndarray, first: np.ndarray, second: np.ndarray, chunk: int) -> np.ndarray:
+def _pair_keys(X: np.ndarray, first: np.ndarray, second: np.ndarray, chunk: int) -> np.ndarray:
     """Keys of the pairs (first[i], second[i]) by row-wise dot products, a chunk of pairs at a time."""
     out = np.empty(first.size, dtype=np.float32)
     for start in range(0, first.size, chunk):
-        a = unit[first[start : start + chunk]]
-        b = unit[second[start : start + chunk]]
+        a = _unit(X, first[start : start + chunk])
+        b = _unit(X, second[start : start + chunk])
         out[start : start + chunk] = np.float32(1.0) - np.einsum("ij,ij->i", a, b).astype(np.float32)
     return out
 
 
-def _ranked_ap(
-    slot: np.ndarray, pos_keys: np.ndarray, neg_row: np.ndarray, neg_sorted: np.ndarray, n_slots: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """AP of each slot from its positives' keys and the sorted negative keys of its query row.
+def _before_sorted(pos_keys: np.ndarray, neg_row: np.ndarray, neg_sorted: np.ndarray) -> np.ndarray:
+    """For each positive, the negatives of its query row ranked before it (key strictly smaller).
 
     ``neg_sorted`` rows are ascending and padded with keys > 3 (never counted).  Rows are laid end
-    to end with an offset of 4 per row, so one ``searchsorted`` counts, for every positive, the
-    negatives of *its* row ranked before it (keys are multiples of 2^-24 below 3, so the offset
-    sums are exact in float64).
+    to end with an offset of 4 per row, so one ``searchsorted`` serves every row (keys are
+    multiples of 2^-24 below 3, so the offset sums are exact in float64).
     """
     n_rows, width = neg_sorted.shape
     offsets = _KEY_SPAN * np.arange(n_rows, dtype=np.float64)
     flat = (neg_sorted.astype(np.float64) + offsets[:, None]).ravel()
     before = np.searchsorted(flat, pos_keys.astype(np.float64) + offsets[neg_row], side="left")
-    before = before - neg_row.astype(np.int64) * width
+    return before - neg_row.astype(np.int64) * width
+
+
+def _before_counted(pos_keys: np.ndarray, owner: np.ndarray, neg_keys: np.ndarray) -> np.ndarray:
+    """The same count by direct comparison, one pass per positive rank: cheaper than sorting the
+    negatives when every query has only a few positives (replicate wells)."""
+    order = np.argsort(owner, kind="stable")
+    counts = np.bincount(owner, minlength=neg_keys.shape[0])
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(owner.size, dtype=np.int64)
+    rank[order] = np.arange(owner.size) - first[owner[order]]
+    before = np.empty(owner.size, dtype=np.int64)
+    for j in range(int(counts.max()) if counts.size else 0):
+        at = np.flatnonzero(rank == j)
+        before[at] = (neg_keys[owner[at]] < pos_keys[at][:, None]).sum(axis=1)
+    return before
+
+
+def _ap_from_before(slot: np.ndarray, pos_keys: np.ndarray, before: np.ndarray, n_slots: int):
+    """copairs' AP of each slot: positives best first (k = 1..P), mean of k / (k + before)."""
     order = np.lexsort((pos_keys, slot))
     slot, before = slot[order], before[order]
     n_pos = np.bincount(slot, minlength=n_slots)
@@ -471,6 +498,10 @@ def _sorted_padded(keys: np.ndarray, is_negative: np.ndarray | None) -> tuple[np
     return padded, is_negative.sum(axis=1).astype(np.int64)
 
 
+# Queries with at most this many positives count their negatives by comparison, not by sorting.
+_FEW_POSITIVES = 8
+
+
 def replicate_average_precision(
     profiles: np.ndarray,
     groups: np.ndarray,
@@ -487,48 +518,59 @@ def replicate_average_precision(
     (e.g. plate codes, copairs ``neg_sameby=plate``).  Same result as ``copairs.map.average_precision``
     with pos_sameby=[group, reference index], neg_diffby=[is_reference, reference index] and
     neg_sameby=[pool], for the non-reference rows; rows without a replicate are left out (copairs
-    gives them NaN, and its mAP drops them).
+    gives them NaN, and its mAP drops them).  ``profiles`` may stay float32: rows are converted to
+    float64 block by block.
 
     Returns one row per query: ``row`` (position in the input), ``average_precision``,
     ``n_pos_pairs``, ``n_total_pairs``.
     """
-    unit = np.asarray(profiles, dtype=np.float64)
-    unit = unit / np.linalg.norm(unit, axis=1)[:, None]  # as copairs' cosine (a zero row gives NaN)
+    X = np.asarray(profiles)
     groups = np.asarray(groups)
     is_reference = np.asarray(is_reference, dtype=bool)
-    pools = np.zeros(len(unit), dtype=np.int64) if pools is None else np.asarray(pools)
+    pools = np.zeros(len(X), dtype=np.int64) if pools is None else np.asarray(pools)
     queries = np.flatnonzero(~is_reference)
     group_codes, inverse = np.unique(groups[queries], return_inverse=True)
     size = np.bincount(inverse, minlength=group_codes.size)
     queries, inverse = queries[size[inverse] >= 2], inverse[size[inverse] >= 2]
     # members of each group, in row order, for the positive pairs
-    by_group = np.argsort(inverse, kind="stable")
-    members = queries[by_group]
+    members = queries[np.argsort(inverse, kind="stable")]
     starts = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=group_codes.size))])
+    code_of = dict(zip(queries.tolist(), inverse.tolist()))
+    chunk = max(1, pair_chunk // max(X.shape[1], 1))
     frames = []
     for pool in np.unique(pools[queries]) if queries.size else []:
         in_pool = queries[pools[queries] == pool]
+        # fewest positives first, so a block is (nearly) all replicate wells or all positive controls
+        in_pool = in_pool[np.argsort(size[[code_of[q] for q in in_pool]], kind="stable")]
         references = np.flatnonzero(is_reference & (pools == pool))
+        reference_unit = _unit(X, references)
         step = block_rows or rows_per_block(max(references.size, 1), max_rows=4096)
         for start in range(0, in_pool.size, step):
             block = in_pool[start : start + step]
-            code = inverse[np.searchsorted(queries, block)]
-            # positive pairs of the block: (query, each other member of its group)
+            code = np.array([code_of[q] for q in block.tolist()])
             lo, hi = starts[code], starts[code + 1]
-            counts = hi - lo
-            owner = np.repeat(np.arange(block.size), counts)
+            owner = np.repeat(np.arange(block.size), hi - lo)
             partner = members[np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])]
             keep = partner != block[owner]
             owner, partner = owner[keep], partner[keep]
-            pos_keys = _pair_keys(unit, block[owner], partner, max(1, pair_chunk // unit.shape[1]))
-            if references.size:
-                neg_sorted, n_neg = _sorted_padded(_keys(unit[block], unit[references]), None)
+            pos_keys = _pair_keys(X, block[owner], partner, chunk)
+            n_pos_max = int((hi - lo).max()) - 1
+            if references.size == 0:
+                before = np.zeros(owner.size, dtype=np.int64)
+            elif n_pos_max <= _FEW_POSITIVES:
+                before = _before_counted(pos_keys, owner, _keys(_unit(X, block), reference_unit))
             else:
-                neg_sorted, n_neg = np.full((block.size, 1), np.float32(3.5)), np.zeros(block.size, np.int64)
-            ap, n_pos = _ranked_ap(owner, pos_keys, owner, neg_sorted, block.size)
+                neg_sorted, _ = _sorted_padded(_keys(_unit(X, block), reference_unit), None)
+                before = _before_sorted(pos_keys, owner, neg_sorted)
+            ap, n_pos = _ap_from_before(owner, pos_keys, before, block.size)
             frames.append(
                 pd.DataFrame(
-                    dict(row=block, average_precision=ap, n_pos_pairs=n_pos, n_total_pairs=n_pos + n_neg)
+                    dict(
+                        row=block,
+                        average_precision=ap,
+                        n_pos_pairs=n_pos,
+                        n_total_pairs=n_pos + references.size,
+                    )
                 )
             )
     if not frames:
@@ -548,8 +590,8 @@ def multilabel_average_precision(
     Returns one row per (query, label): ``row``, ``label``, ``average_precision``, ``n_pos_pairs``,
     ``n_total_pairs``.
     """
-    unit = np.asarray(profiles, dtype=np.float64)
-    unit = unit / np.linalg.norm(unit, axis=1)[:, None]
+    X = np.asarray(profiles)
+    unit = _unit(X, slice(None))
     indicator, vocabulary = label_indicator(moas, sep)
     indicator = indicator.tocsc()
     indicator_t = indicator.T.tocsr()
@@ -582,7 +624,8 @@ def multilabel_average_precision(
         keep = partner != rows[slot_row[slot]]
         slot, partner = slot[keep], partner[keep]
         pos_keys = keys[slot_row[slot], partner]
-        ap, n_pos = _ranked_ap(slot, pos_keys, slot_row[slot], neg_sorted, slot_row.size)
+        before = _before_sorted(pos_keys, slot_row[slot], neg_sorted)
+        ap, n_pos = _ap_from_before(slot, pos_keys, before, slot_row.size)
         frames.append(
             pd.DataFrame(
                 dict(
