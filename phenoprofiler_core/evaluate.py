@@ -64,6 +64,7 @@ ACTIVITY_COLUMNS = list(TREATMENT_COLUMNS) + [
     "corrected_p_value",
     "below_p",
     "below_corrected_p",
+    "null",
 ]
 CONSISTENCY_COLUMNS = [
     "Metadata_moa_label",
@@ -74,6 +75,7 @@ CONSISTENCY_COLUMNS = [
     "corrected_p_value",
     "below_p",
     "below_corrected_p",
+    "null",
 ]
 # Reasons a table is empty (or a metric NaN), shown in the report next to the missing number.
 NOTE_TREATMENT_LEVEL = "treatment-level table: activity needs replicate wells and control wells"
@@ -131,19 +133,91 @@ def _normalized_ap(ap: np.ndarray, n_pos: np.ndarray, n_total: np.ndarray, expec
     return np.clip((ap - mu0) / np.maximum(1 - mu0, 1e-10), -1.0, 1.0)
 
 
-def _map_with_pvalues(ap_table: pd.DataFrame, sameby: str, *, null_size, threshold, seed) -> pd.DataFrame:
+# copairs draws its null by permuting all n ranks for every distinct (positives, total) configuration;
+# above this many integers permuted (about a minute on one core) the same null distribution is drawn
+# in O(positives) per draw instead (metrics.null_average_precision).  Activity with replicate wells
+# stays far below it even at JUMP size (a few configurations); MoA consistency exceeds it from a few
+# thousand labelled treatments on.
+COPAIRS_NULL_BUDGET = 2 * 10**9
+NULL_METHODS = ("auto", "copairs", "sampled")
+
+
+def _sampled_map_pvalues(ap_table: pd.DataFrame, sameby: str, *, null_size: int, seed: int) -> pd.DataFrame:
+    """copairs' mAP p-values (a group's null = the mean of its members' AP nulls, draw by draw;
+    p = (#null > mAP + 1) / (null_size + 1)) with nulls from :func:`metrics.null_average_precision`."""
+    configs = ap_table[["n_pos_pairs", "n_total_pairs"]].to_numpy(dtype=np.int64)
+    unique, inverse = np.unique(configs, axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    nulls = np.stack([metrics.null_average_precision(int(k), int(n), null_size, seed) for k, n in unique])
+    groups = ap_table.groupby(sameby, sort=True, observed=True).indices
+    rows = []
+    for key, positions in groups.items():
+        mean_ap = float(ap_table["average_precision"].to_numpy()[positions].mean())
+        null = nulls[inverse[positions]].mean(axis=0)
+        rows.append(
+            {
+                sameby: key,
+                "mean_average_precision": mean_ap,
+                "mean_normalized_average_precision": float(
+                    ap_table["normalized_average_precision"].to_numpy()[positions].mean()
+                ),
+                "p_value": (int((null > mean_ap).sum()) + 1) / (null_size + 1),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _map_with_pvalues(
+    ap_table: pd.DataFrame, sameby: str, *, null_size, threshold, seed, null: str = "auto"
+) -> pd.DataFrame:
+    """mAP per ``sameby`` group, p-values against the AP null, BH-corrected (copairs' procedure).
+
+    ``null``: ``copairs`` (copairs' own ``mean_average_precision``), ``sampled`` (the same null
+    distribution drawn in O(positives), :func:`metrics.null_average_precision`), or ``auto``:
+    copairs' unless its null would permute more than ``COPAIRS_NULL_BUDGET`` integers.  The
+    ``null`` column of the result says which.
+    """
+    if null not in NULL_METHODS:
+        raise ConfigError(f"null distribution must be one of {NULL_METHODS}, got {null!r}")
     copairs_map, expected_ap = _copairs_map()
-    ap_table = ap_table.copy()
+    from copairs.map.hierarchical_fdr import apply_fdr_correction
+
+    ap_table = ap_table[ap_table["average_precision"].notna() & (ap_table["n_pos_pairs"] > 0)].copy()
     ap_table["normalized_average_precision"] = _normalized_ap(
         ap_table["average_precision"].to_numpy(dtype=float),
         ap_table["n_pos_pairs"].to_numpy(),
         ap_table["n_total_pairs"].to_numpy(),
         expected_ap,
     )
-    result = copairs_map.mean_average_precision(
-        ap_table, [sameby], null_size=null_size, threshold=threshold, seed=seed, progress_bar=False
-    )
-    return result.drop(columns=["indices"], errors="ignore")
+    if null == "auto":
+        configs = ap_table[["n_pos_pairs", "n_total_pairs"]].drop_duplicates().to_numpy()
+        cost = metrics.copairs_null_cost(configs, null_size)
+        null = "copairs" if cost <= COPAIRS_NULL_BUDGET else "sampled"
+        if null == "sampled":
+            log.info(
+                "%s: copairs' null would permute %.1e integers (%d configurations); drawing the same "
+                "null in O(positives) per draw instead",
+                sameby,
+                cost,
+                len(configs),
+            )
+    if null == "copairs":
+        result = copairs_map.mean_average_precision(
+            ap_table.reset_index(drop=True),
+            [sameby],
+            null_size=null_size,
+            threshold=threshold,
+            seed=seed,
+            progress_bar=False,
+        ).drop(columns=["indices"], errors="ignore")
+    else:
+        result = apply_fdr_correction(
+            _sampled_map_pvalues(ap_table.reset_index(drop=True), sameby, null_size=null_size, seed=seed)
+        )
+        result["below_p"] = result["p_value"] < threshold
+        result["below_corrected_p"] = result["corrected_p_value"] < threshold
+    result["null"] = null
+    return result
 
 
 def activity_map(
@@ -154,6 +228,7 @@ def activity_map(
     threshold: float = 0.05,
     seed: int = 0,
     same_plate_negcon: bool = False,
+    null: str = "auto",
 ) -> pd.DataFrame:
     """copairs phenotypic activity: replicate wells of a treatment vs negative-control wells.
 
@@ -175,7 +250,7 @@ def activity_map(
         return _with_note(empty, NOTE_NO_REPLICATES)
     ap["Metadata_TreatmentId"] = wells["Metadata_TreatmentId"].to_numpy()[ap["row"].to_numpy()]
     result = _map_with_pvalues(
-        ap, "Metadata_TreatmentId", null_size=null_size, threshold=threshold, seed=seed
+        ap, "Metadata_TreatmentId", null_size=null_size, threshold=threshold, seed=seed, null=null
     )
     info = (
         wells.groupby("Metadata_TreatmentId")
@@ -194,6 +269,7 @@ def consistency_map(
     threshold: float = 0.05,
     seed: int = 0,
     sep: str = "|",
+    null: str = "auto",
 ) -> pd.DataFrame:
     """copairs multilabel MoA consistency on consensus (treatment-level) profiles, per MoA label."""
     keep = (consensus["Metadata_pert_type"] != "negcon") & (
@@ -211,7 +287,9 @@ def consistency_map(
         log.warning("MoA consistency: %s - writing an empty table", NOTE_NO_SHARED_MOA)
         return _with_note(empty, NOTE_NO_SHARED_MOA)
     ap = ap.rename(columns={"label": "Metadata_moa_label"})
-    result = _map_with_pvalues(ap, "Metadata_moa_label", null_size=null_size, threshold=threshold, seed=seed)
+    result = _map_with_pvalues(
+        ap, "Metadata_moa_label", null_size=null_size, threshold=threshold, seed=seed, null=null
+    )
     counts = ap.groupby("Metadata_moa_label").size().rename("n_treatments").reset_index()
     result = counts.merge(result, on="Metadata_moa_label", how="inner")
     return _with_note(
@@ -443,13 +521,17 @@ def summarize_set(eval_dir: str | Path, *, alpha: float = 0.05, name: str | None
     def mean_or_nan(series):
         return float(series.astype(float).mean()) if len(series) else float("nan")
 
+    def copairs_variant(table, base):
+        sampled = "null" in table.columns and (table["null"] == "sampled").any()
+        return f"{base}, sampled null" if sampled else base
+
     activity = tables["map_activity"]
     activity_note = notes.get("map_activity", "")
     add(
         "map_activity",
         mean_or_nan(activity["mean_average_precision"]),
         len(activity),
-        "copairs",
+        copairs_variant(activity, "copairs"),
         "copairs mAP of a treatment's replicate wells against negcon wells, mean over treatments",
         activity_note,
     )
@@ -457,7 +539,7 @@ def summarize_set(eval_dir: str | Path, *, alpha: float = 0.05, name: str | None
         "fraction_retrieved_activity",
         mean_or_nan(activity["below_corrected_p"]),
         len(activity),
-        f"copairs BH {alpha}",
+        copairs_variant(activity, f"copairs BH {alpha}"),
         f"fraction of treatments whose BH-corrected copairs p-value is below {alpha}",
         activity_note,
     )
@@ -467,7 +549,7 @@ def summarize_set(eval_dir: str | Path, *, alpha: float = 0.05, name: str | None
         "map_consistency",
         mean_or_nan(consistency["mean_average_precision"]),
         len(consistency),
-        "copairs multilabel",
+        copairs_variant(consistency, "copairs multilabel"),
         "copairs multilabel mAP on consensus profiles (positives share the label), mean over MoA labels",
         consistency_note,
     )
@@ -475,7 +557,7 @@ def summarize_set(eval_dir: str | Path, *, alpha: float = 0.05, name: str | None
         "fraction_retrieved_consistency",
         mean_or_nan(consistency["below_corrected_p"]),
         len(consistency),
-        f"copairs BH {alpha}",
+        copairs_variant(consistency, f"copairs BH {alpha}"),
         f"fraction of MoA labels whose BH-corrected copairs p-value is below {alpha}",
         consistency_note,
     )

@@ -818,3 +818,50 @@ def recall_reference(
             values[i] = matches[ranking[:n]].sum() / (matches.sum() + 1)  # +1: self counts in the row sum
         out[percent] = values
     return out
+
+
+# ----------------------------------------------------------------------------- AP null distribution
+#
+# copairs' p-values compare a mAP with the mAP of random rankings: for each distinct (positives k,
+# ranked total n) it draws ``null_size`` random rankings by permuting all n ranks (an n-wide
+# integer row per draw), i.e. O(null_size × n) work and memory per configuration.  MoA consistency
+# has a configuration per distinct (label size, count of unrelated treatments): hundreds at BBBC022
+# size, thousands at JUMP size, each with n ~ the number of treatments, so that null grows like N².
+# :func:`null_average_precision` draws the same distribution - the AP of k positions chosen
+# uniformly without replacement among n - in O(null_size × k).
+
+
+def _random_positions(k: int, n: int, size: int, rng: np.random.Generator, chunk_cells: int = 2**24):
+    """``size`` sorted draws of k distinct positions (0-based) uniform among n."""
+    if k * k <= 2 * n:
+        # Few positives: draw with replacement, redraw the rows that repeated a position.
+        draws = np.sort(rng.integers(0, n, size=(size, k)), axis=1)
+        while True:
+            repeated = np.flatnonzero((np.diff(draws, axis=1) == 0).any(axis=1)) if k > 1 else []
+            if len(repeated) == 0:
+                return draws
+            draws[repeated] = np.sort(rng.integers(0, n, size=(len(repeated), k)), axis=1)
+    # Many positives: the k smallest of n random keys, a chunk of draws at a time.
+    out = np.empty((size, k), dtype=np.int64)
+    rows = max(1, chunk_cells // n)
+    for start in range(0, size, rows):
+        keys = rng.random((min(rows, size - start), n))
+        out[start : start + rows] = np.sort(np.argpartition(keys, k - 1, axis=1)[:, :k], axis=1)
+    return out
+
+
+def null_average_precision(n_pos: int, n_total: int, null_size: int, seed: int) -> np.ndarray:
+    """AP of ``n_pos`` positives placed uniformly at random among ``n_total`` ranks, ``null_size``
+    draws (float32, as copairs' null): AP = mean over positives i (best first) of i / rank_i."""
+    rng = np.random.default_rng([seed, n_pos, n_total])  # the same draws whatever else is computed
+    if n_pos >= n_total:
+        return np.ones(null_size, dtype=np.float32)
+    ranks = _random_positions(n_pos, n_total, null_size, rng) + 1
+    precision = np.arange(1, n_pos + 1, dtype=np.float32) / ranks
+    return (precision.sum(axis=1) / n_pos).astype(np.float32)
+
+
+def copairs_null_cost(configs: np.ndarray, null_size: int) -> int:
+    """Integers copairs' null permutes for these distinct (n_pos, n_total) configurations."""
+    configs = np.asarray(configs)
+    return int(null_size) * int(configs[:, 1].sum()) if configs.size else 0

@@ -159,3 +159,41 @@ def test_treatment_metrics_memory_stays_far_below_n_squared():
     assert np.isfinite(result.average_precision).sum() > 0.9 * n and len(ap) > n
     assert retrieval_peak < dense_bytes / 8
     assert consistency_peak < dense_bytes / 8
+
+
+# ----------------------------------------------------------------------------- the AP null
+
+
+def test_sampled_null_draws_copairs_null_distribution():
+    # By hand: 2 positives among 3 ranks, each of the 3 position pairs equally likely:
+    #   {1,2}: (1/1 + 2/2)/2 = 1;  {1,3}: (1/1 + 2/3)/2 = 5/6;  {2,3}: (1/2 + 2/3)/2 = 7/12.
+    draws = metrics.null_average_precision(2, 3, 30_000, seed=0)
+    values, counts = np.unique(np.round(draws, 6), return_counts=True)
+    np.testing.assert_allclose(values, np.round([7 / 12, 5 / 6, 1.0], 6))
+    np.testing.assert_allclose(counts / draws.size, 1 / 3, atol=0.015)
+    # Against copairs' own null (all ranks permuted), both sampling regimes (few and many positives).
+    from copairs.compute import random_ap
+    from copairs.map.normalization import expected_ap
+    from scipy.stats import ks_2samp
+
+    for k, n in ((3, 40), (12, 30), (1, 7)):
+        ours = metrics.null_average_precision(k, n, 20_000, seed=1)
+        theirs = random_ap(20_000, k, n, seed=2)
+        assert ks_2samp(ours, theirs).pvalue > 1e-3, (k, n)
+        # the mean is copairs' exact expected AP under random ranking
+        assert abs(ours.mean() - expected_ap(k, n - k)) < 5 * ours.std() / np.sqrt(ours.size), (k, n)
+
+
+def test_sampled_null_p_values_agree_with_copairs_null():
+    wells, features = synthetic_wells(seed=6, n_treatments=30)
+    treated = (wells["Metadata_pert_type"] == "trt").to_numpy()
+    noise = np.random.default_rng(7).standard_normal((treated.sum(), len(features))) * 4
+    wells.loc[treated, features] = wells.loc[treated, features].to_numpy() + noise  # weak signal
+    exact = evaluate.activity_map(wells, features, null_size=4000, seed=0, null="copairs")
+    sampled = evaluate.activity_map(wells, features, null_size=4000, seed=0, null="sampled")
+    assert set(exact["null"]) == {"copairs"} and set(sampled["null"]) == {"sampled"}
+    np.testing.assert_allclose(sampled["mean_average_precision"], exact["mean_average_precision"], rtol=1e-12)
+    p, q = exact["p_value"].to_numpy(), sampled["p_value"].to_numpy()
+    tolerance = 5 * np.sqrt(np.maximum(p * (1 - p), 1e-4) / 4000) + 2 / 4000  # Monte-Carlo error
+    assert (np.abs(p - q) <= tolerance).all(), np.c_[p, q]
+    assert 0.05 < np.median(p) < 0.95  # the check is not only about p-values pinned at the floor
