@@ -234,8 +234,11 @@ def treatment_stage(stage: str, spec: dict, baseline: float) -> dict:
 def run_stage(stage: str, spec: dict, workdir: Path, null_size: int) -> dict:
     argv = [sys.executable, __file__, "--child", stage, "--spec", json.dumps(spec), "--workdir", str(workdir)]
     argv += ["--null-size", str(null_size)]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    # copairs caches its null distributions under ~/.copairs: a fresh home per stage, so every run
+    # pays what a first run pays
+    with tempfile.TemporaryDirectory(prefix="bench_scale_home_") as home:
+        env = dict(os.environ, PYTHONWARNINGS="ignore", HOME=home)
+        done = subprocess.run(argv, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"stage {stage} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

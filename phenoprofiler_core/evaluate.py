@@ -16,7 +16,9 @@ Average precisions are computed block-wise with copairs' exact conventions
 (:func:`metrics.replicate_average_precision`, :func:`metrics.multilabel_average_precision`), then
 copairs' ``mean_average_precision`` gives the mAP, its null p-values and BH correction; copairs'
 own pair lists grow with (treatment wells × control wells) and (treatments²), too big at JUMP size.
-No step holds an N × N matrix of treatments.
+copairs' null is used unless it would permute more than ``COPAIRS_NULL_BUDGET`` integers; then the
+same null distribution is drawn in O(positives) per draw (the ``null`` column says which).  No step
+holds an N × N matrix of treatments.
 
 ``--level treatment`` (a published one-profile-per-treatment table): activity is n/a (it ranks
 replicate *wells* against control *wells*); the MoA metrics run on the treatment rows.

@@ -15,6 +15,10 @@ columns).  Output, under ``profiles/<set>/``, one Parquet file per step so each 
    with ``drop_na_columns``;
 5. ``consensus.parquet``: one profile per treatment (``pycytominer.consensus``).
 
+Steps 1-2 run one plate file at a time (only one plate's sites in memory).  A published profile
+table (``--table``, :mod:`phenoprofiler_core.external`) enters at step 3 when it has one row per
+well, or at step 4 when it has one row per treatment (:func:`profile_steps`).
+
 pycytominer infers features from CellProfiler compartment prefixes (Cells_, Nuclei_, ...), which
 embedding columns do not have, so every call gets an explicit ``features=[...]`` list.
 """
@@ -445,26 +449,30 @@ def normalize_profiles(
         if method == "spherize"
         else dict(mad_robustize_epsilon=mad_epsilon)
     )
-    parts = []
-    for label, positions in groups:
+    # Each part's result goes straight into one array in the input's row order (pycytominer keeps
+    # the index of the rows it was given): no list of parts and no concatenated copy of them.
+    values, out_features = None, None
+    for label, positions in tqdm(groups, desc=f"normalize per {scope}", unit=scope, disable=len(groups) < 50):
         part = wells.iloc[positions] if len(groups) > 1 else wells
         try:
-            parts.append(
-                pycytominer.normalize(
-                    profiles=part,
-                    features=features,
-                    meta_features=meta,
-                    samples=NEGCON_QUERY,
-                    method=method,
-                    output_file=None,
-                    **options,
-                )
+            result = pycytominer.normalize(
+                profiles=part,
+                features=features,
+                meta_features=meta,
+                samples=NEGCON_QUERY,
+                method=method,
+                output_file=None,
+                **options,
             )
         except ValueError as exc:
             raise DataError(f"normalize ({method}) failed on {label}: {exc}") from exc
-    normalized = pd.concat(parts) if len(parts) > 1 else parts[0]
-    # Back in the input's row order (pycytominer keeps the index of the rows it was given).
-    return normalized.loc[wells.index].reset_index(drop=True)
+        if len(groups) == 1:
+            return result.loc[wells.index].reset_index(drop=True)
+        if values is None:
+            out_features = feature_columns(result)  # PCA sphering renames features PC1..PCn
+            values = np.empty((len(wells), len(out_features)), dtype=np.float64)
+        values[positions] = result.loc[part.index, out_features].to_numpy(dtype=np.float64)
+    return pd.concat([wells[meta].reset_index(drop=True), pd.DataFrame(values, columns=out_features)], axis=1)
 
 
 def select_features(
@@ -497,17 +505,20 @@ def select_features(
     selected = normalized
     if operations:
         pycytominer = _pycytominer()
-        selected = pycytominer.feature_select(
-            profiles=normalized,
-            features=features,
-            operation=operations,
-            na_cutoff=na_cutoff,
-            corr_threshold=corr_threshold,
-            freq_cut=freq_cut,
-            unique_cut=unique_cut,
-            outlier_cutoff=outlier_cutoff,
-            output_file=None,
-        )
+        try:
+            selected = pycytominer.feature_select(
+                profiles=normalized,
+                features=features,
+                operation=operations,
+                na_cutoff=na_cutoff,
+                corr_threshold=corr_threshold,
+                freq_cut=freq_cut,
+                unique_cut=unique_cut,
+                outlier_cutoff=outlier_cutoff,
+                output_file=None,
+            )
+        except ValueError as exc:  # e.g. scikit-learn: no feature meets the variance threshold
+            raise DataError(f"feature selection {operations} left no usable features: {exc}") from exc
     kept = [f for f in features if f in selected.columns]
     values = selected[kept].to_numpy(dtype=np.float64)
     finite = np.isfinite(values).all(axis=0)
@@ -624,17 +635,51 @@ def profile_steps(
             spherize_method=spherize_method,
             spherize_epsilon=spherize_epsilon,
         )
+    paths = {name: out_dir / f"{name}.parquet" for name in PROFILE_FILES}
+    written: list[Path] = []
+
+    def write(df: pd.DataFrame, columns: list[str], name: str) -> None:
+        write_parquet(_as_float32(df, columns), paths[name])
+        written.append(paths[name])
+
+    try:
+        return _select_and_consensus(
+            wells,
+            features,
+            normalized,
+            plan,
+            paths,
+            write,
+            level=level,
+            feature_select=feature_select,
+            consensus=consensus,
+            na_cutoff=na_cutoff,
+            corr_threshold=corr_threshold,
+            freq_cut=freq_cut,
+            unique_cut=unique_cut,
+            outlier_cutoff=outlier_cutoff,
+        )
+    except BaseException:
+        for path in written:  # a failed run leaves none of its outputs (earlier runs' files stay)
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _select_and_consensus(
+    wells, features, normalized, plan, paths, write, *, level, feature_select, consensus, **selection
+) -> dict[str, Path]:
+    # Each table is written as soon as it exists, and dropped once the next step has it (at JUMP
+    # size a table of wells is gigabytes).
+    write(wells, features, "well")
     norm_features = feature_columns(normalized)  # PCA sphering renames features PC1..PCn
     selected, kept = select_features(
         normalized,
         norm_features,
         feature_select,
-        na_cutoff=na_cutoff,
-        corr_threshold=corr_threshold,
-        freq_cut=freq_cut,
-        unique_cut=unique_cut,
-        outlier_cutoff=outlier_cutoff,
+        **selection,
     )
+    write(normalized, norm_features, "normalized")
+    del normalized
     log.info(
         "%d %s profiles; %d of %d features kept by %s",
         len(selected),
@@ -652,12 +697,9 @@ def profile_steps(
         treatment_profiles = treatment_profiles[meta + kept]
     else:
         treatment_profiles = consensus_profiles(selected, kept, consensus)
-    paths = {name: out_dir / f"{name}.parquet" for name in PROFILE_FILES}
-    write_parquet(_as_float32(wells, features), paths["well"])
-    write_parquet(_as_float32(normalized, norm_features), paths["normalized"])
-    write_parquet(_as_float32(selected, kept), paths["selected"])
-    write_parquet(_as_float32(treatment_profiles, kept), paths["consensus"])
-    paths["normalization"] = out_dir / "normalization.json"
+    write(selected, kept, "selected")
+    write(treatment_profiles, kept, "consensus")
+    paths["normalization"] = paths["well"].parent / "normalization.json"
     write_json(plan, paths["normalization"])
     return paths
 

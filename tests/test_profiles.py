@@ -384,3 +384,16 @@ def test_wells_are_built_plate_by_plate_as_from_all_sites_at_once(tmp_path):
     sites[sites["Metadata_Plate"] == "P0"].to_parquet(duplicate)
     with pytest.raises(DataError, match="more than one feature file"):
         profiles.well_profiles([*paths, duplicate])
+
+
+def test_a_failed_run_leaves_none_of_its_outputs(tmp_path):
+    sites = make_sites(plates=("P0", "P1"))
+    features = profiles.feature_columns(sites)
+    sites[features] = 1.0  # constant: variance_threshold drops every feature after well.parquet is written
+    paths = write_plates(sites, tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="left no"):
+        profiles.build_profiles(
+            paths, out, normalize="none", feature_select=["drop_na_columns", "variance_threshold"]
+        )
+    assert not list(out.glob("*.parquet")) and not (out / "normalization.json").exists()
