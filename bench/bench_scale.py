@@ -17,9 +17,12 @@ Every stage runs the product's code path (``profiles.build_profiles`` as the pro
 with phenotype correction; the three evaluation functions ``evaluate_profiles`` calls) in its own
 process, so its peak memory (the process's maximum resident set) is its own.  ``--jump-fractions``
 runs JUMP's layout on a fraction of its plate maps (the same shapes, fewer plates) and extrapolates
-linearly per unit of data (sites, wells, labelled treatments) to full size when the full size was not
-run; the MoA-retrieval stages grow with the square of the labelled treatments in time (every pair is
-scored once), so their time is extrapolated quadratically.
+from the largest fraction to full size when the full size was not run: memory above the imports
+linearly per unit of data (sites, wells, labelled treatments); time linearly, except where the work
+is all pairs - the MoA stages (labelled treatments squared) and activity against the controls of all
+plates (wells x control wells) - there quadratically.  ``activity_plate`` is activity with
+``evaluate.same_plate_negcon: true`` (linear).  The MoA stages are also run at full JUMP size on the
+labelled treatments alone (rows marked "labelled"), their all-pairs part measured, not extrapolated.
 
 Printed: one table with each stage's time and peak memory at each size, per unit of data, and the
 growth ratio per unit between the smallest and largest size run (1.0 = grows like the data).  Image
@@ -161,9 +164,11 @@ def stage_main(stage: str, spec: dict, workdir: Path, null_size: int) -> dict:
         paths = sorted(sites_dir.glob("*.parquet"))
         profiles.build_profiles(paths, prof_dir, correction_alpha=0.7)
         units = spec["sites"]
-    elif stage == "activity":
+    elif stage in ("activity", "activity_plate"):
         wells, features = evaluate._read_profiles(prof_dir / "selected.parquet", evaluate.WELL_KEYS)
-        table = evaluate.activity_map(wells, features, null_size=null_size)
+        table = evaluate.activity_map(
+            wells, features, null_size=null_size, same_plate_negcon=stage == "activity_plate"
+        )
         units = len(wells)
         assert len(table), "activity produced no rows"
     elif stage == "consistency":
@@ -249,6 +254,7 @@ def run_stage(stage: str, spec: dict, workdir: Path, null_size: int) -> dict:
 UNIT = {
     "profiles": "site",
     "activity": "well",
+    "activity_plate": "well",  # evaluate.same_plate_negcon: true
     "consistency": "labelled treatment",
     "retrieval": "labelled treatment",
 }
@@ -275,7 +281,13 @@ def main() -> None:
         "--labelled", type=float, default=0.2, help="JUMP: fraction of treatments with MoA labels"
     )
     parser.add_argument("--null-size", type=int, default=10000, help="copairs null size (the config default)")
-    parser.add_argument("--stages", nargs="+", default=["profiles", "activity", "consistency", "retrieval"])
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        default=["profiles", "activity", "activity_plate", "consistency", "retrieval"],
+        choices=list(UNIT),
+        help="activity_plate = activity against the controls of the well's own plate (same_plate_negcon)",
+    )
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -354,7 +366,8 @@ def extrapolate(rows: list[dict], stage: str) -> dict | None:
     memory above the imports grows like the units; time too, except where the work is all pairs
     (MoA stages: labelled treatments squared; activity: wells x control wells, both growing with
     the plates): there with the square of the units."""
-    jump = [r for r in rows if r["stage"] == stage and r["size"] == "jump"]
+    # whole-table runs only (the labelled-only runs leave out reading and grouping all wells)
+    jump = [r for r in rows if r["stage"] == stage and r["size"] == "jump" and not r.get("note")]
     if not jump or max(r["fraction"] for r in jump) >= 1.0 or jump[0].get("units_full") is None:
         return None
     b = max(jump, key=lambda r: r["units"])
