@@ -500,6 +500,10 @@ def _sorted_padded(keys: np.ndarray, is_negative: np.ndarray | None) -> tuple[np
 
 # Queries with at most this many positives count their negatives by comparison, not by sorting.
 _FEW_POSITIVES = 8
+# Groups of at least this many rows (positive controls) get their positive keys from one product of
+# the group with itself, when it has at most _PAIR_MATRIX_CELLS cells (128 MiB of float32 keys).
+_BIG_GROUP = 64
+_PAIR_MATRIX_CELLS = 2**25
 
 
 def replicate_average_precision(
@@ -524,7 +528,9 @@ def replicate_average_precision(
     Returns one row per query: ``row`` (position in the input), ``average_precision``,
     ``n_pos_pairs``, ``n_total_pairs``.
     """
-    X = np.asarray(profiles)
+    # Row-major: rows are gathered at random (replicates sit on other plates), and a column-major
+    # array (what a pandas frame's to_numpy() gives) makes every gathered row touch the whole array.
+    X = np.ascontiguousarray(profiles)
     groups = np.asarray(groups)
     is_reference = np.asarray(is_reference, dtype=bool)
     pools = np.zeros(len(X), dtype=np.int64) if pools is None else np.asarray(pools)
@@ -537,6 +543,16 @@ def replicate_average_precision(
     starts = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=group_codes.size))])
     code_of = dict(zip(queries.tolist(), inverse.tolist()))
     chunk = max(1, pair_chunk // max(X.shape[1], 1))
+    # Large groups (positive controls replicate on every plate, so their pairs grow with the plates
+    # squared) get their keys from one product of the group with itself instead of pair by pair.
+    group_size = np.diff(starts)
+    position = np.zeros(len(X), dtype=np.int64)
+    position[members] = np.arange(members.size) - np.repeat(starts[:-1], group_size)
+    group_keys = {}
+    for c in np.flatnonzero(group_size >= _BIG_GROUP):
+        if group_size[c] ** 2 <= _PAIR_MATRIX_CELLS:
+            unit = _unit(X, members[starts[c] : starts[c + 1]])
+            group_keys[int(c)] = _keys(unit, unit)
     frames = []
     for pool in np.unique(pools[queries]) if queries.size else []:
         in_pool = queries[pools[queries] == pool]
@@ -553,14 +569,22 @@ def replicate_average_precision(
             partner = members[np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])]
             keep = partner != block[owner]
             owner, partner = owner[keep], partner[keep]
-            pos_keys = _pair_keys(X, block[owner], partner, chunk)
+            query_unit = _unit(X, block)
+            pair_code = code[owner]
+            from_matrix = np.isin(pair_code, list(group_keys))
+            pos_keys = np.empty(owner.size, dtype=np.float32)
+            by_pair = ~from_matrix
+            pos_keys[by_pair] = _pair_keys(X, block[owner[by_pair]], partner[by_pair], chunk)
+            for c in np.unique(pair_code[from_matrix]):
+                sel = np.flatnonzero(pair_code == c)
+                pos_keys[sel] = group_keys[int(c)][position[block[owner[sel]]], position[partner[sel]]]
             n_pos_max = int((hi - lo).max()) - 1
             if references.size == 0:
                 before = np.zeros(owner.size, dtype=np.int64)
             elif n_pos_max <= _FEW_POSITIVES:
-                before = _before_counted(pos_keys, owner, _keys(_unit(X, block), reference_unit))
+                before = _before_counted(pos_keys, owner, _keys(query_unit, reference_unit))
             else:
-                neg_sorted, _ = _sorted_padded(_keys(_unit(X, block), reference_unit), None)
+                neg_sorted, _ = _sorted_padded(_keys(query_unit, reference_unit), None)
                 before = _before_sorted(pos_keys, owner, neg_sorted)
             ap, n_pos = _ap_from_before(owner, pos_keys, before, block.size)
             frames.append(

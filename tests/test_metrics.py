@@ -286,8 +286,10 @@ def _wells(rng, n_plates=3, n_treatments=7, n_controls=3, dim=5, rounded=False):
 @pytest.mark.parametrize("count_by", ["comparison", "sorting"])
 def test_replicate_ap_equals_copairs(seed, count_by, monkeypatch):
     # Both ways of counting the negatives ranked before a positive (few positives: comparisons;
-    # many, e.g. positive controls: a sort) must give copairs' numbers.
+    # many, e.g. positive controls: a sort), and both ways of scoring the positives (pair by pair;
+    # one product of a large group with itself), must give copairs' numbers.
     monkeypatch.setattr(metrics, "_FEW_POSITIVES", 10**6 if count_by == "comparison" else 0)
+    monkeypatch.setattr(metrics, "_BIG_GROUP", 10**9 if count_by == "comparison" else 2)
     rng = np.random.default_rng(seed)
     meta, profiles = _wells(rng, rounded=seed % 2 == 0)  # rounded: many exact ties
     same_plate = seed % 3 == 0
