@@ -326,11 +326,13 @@ def foe_map_recall(
     Block-wise over query treatments (:func:`metrics.retrieval_metrics_from_profiles`): memory
     grows with the number of treatments, not with its square.
     """
-    treatments = treatment_means(wells, features)
-    keep = (treatments["Metadata_pert_type"] != "negcon") & (
-        treatments["Metadata_moa"].map(lambda m: len(metrics.split_moa(m, sep))) > 0
-    )
-    treatments = treatments[keep].reset_index(drop=True)
+    # Only annotated, non-control wells take part: drop the others before averaging (at JUMP size
+    # most wells have no MoA label).
+    labelled = {m: len(metrics.split_moa(m, sep)) > 0 for m in wells["Metadata_moa"].unique()}
+    keep = (wells["Metadata_pert_type"] != "negcon").to_numpy() & wells["Metadata_moa"].map(
+        labelled
+    ).to_numpy()
+    treatments = treatment_means(wells[keep], features)
     columns = list(TREATMENT_COLUMNS) + ["n_wells", "n_same_moa"]
     if len(treatments) < 2:
         log.warning("MoA retrieval: %s - writing an empty table", NOTE_FEW_ANNOTATED)
