@@ -6,12 +6,18 @@ columns).  Output, under ``profiles/<set>/``, one Parquet file per step so each 
 1. phenotype correction (learned sets only): per plate, subtract α × the mean negative-control site
    profile (DESIGN.md §5, α = 0.7 in the PhenoProfiler paper);
 2. ``well.parquet``: sites aggregated to wells (``pycytominer.aggregate``);
-3. ``normalized.parquet``: per plate against that plate's negative controls
-   (``pycytominer.normalize``, one call per plate), or sphering fit on the negative-control wells of
-   all plates in one call;
+3. ``normalized.parquet``: against negative-control wells (``pycytominer.normalize``), at a
+   scope that fits the controls the plates have (``normalization.json`` says which and why): per
+   plate (one call per plate) only when every plate has at least ``min_controls_per_plate``
+   control wells, otherwise pooled over all plates (one call) or per batch (one call per batch);
+   sphering is fit on control wells of all plates in one call;
 4. ``selected.parquet``: ``pycytominer.feature_select`` with an explicit operation list that starts
    with ``drop_na_columns``;
 5. ``consensus.parquet``: one profile per treatment (``pycytominer.consensus``).
+
+Steps 1-2 run one plate file at a time (only one plate's sites in memory).  A published profile
+table (``--table``, :mod:`phenoprofiler_core.external`) enters at step 3 when it has one row per
+well, or at step 4 when it has one row per treatment (:func:`profile_steps`).
 
 pycytominer infers features from CellProfiler compartment prefixes (Cells_, Nuclei_, ...), which
 embedding columns do not have, so every call gets an explicit ``features=[...]`` list.
@@ -28,9 +34,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from .errors import ConfigError, DataError
-from .io import write_parquet
+from .io import write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,12 @@ NEGCON_QUERY = "Metadata_pert_type == 'negcon'"
 AGGREGATE_OPERATIONS = ("median", "mean")
 NORMALIZE_METHODS = ("mad_robustize", "standardize", "robustize", "spherize", "none")
 PER_PLATE_METHODS = ("mad_robustize", "standardize", "robustize")
+NORMALIZE_SCOPES = ("auto", "plate", "pooled", "batch")
+# A per-plate robust z-score needs this many control wells per plate (else auto pools them).  With
+# n Gaussian controls, the MAD-based scale of a feature is off by more than a factor 2 with
+# probability 42% (n=2), 22% (6), 10% (10), 4% (16), 1% (24) (simulation, 200,000 draws each;
+# config/README.md): at 16, few of a profile's hundreds of features are badly scaled.
+DEFAULT_MIN_CONTROLS_PER_PLATE = 16
 SPHERIZE_METHODS = ("ZCA", "ZCA-cor", "PCA", "PCA-cor")
 FEATURE_SELECT_OPERATIONS = (
     "drop_na_columns",
@@ -89,38 +102,27 @@ def metadata_columns(df: pd.DataFrame) -> list[str]:
 # ----------------------------------------------------------------------------- reading
 
 
-def read_site_features(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, list[str]]:
-    """Concatenate per-plate site feature tables, checking that they fit together."""
-    if not paths:
-        raise DataError("no feature files given (expected features/<set>/<plate>.parquet)")
-    frames = []
-    features: list[str] | None = None
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"feature file not found: {path}")
-        df = pd.read_parquet(path)
-        missing = [c for c in REQUIRED_METADATA if c not in df.columns]
-        if missing:
-            raise DataError(
-                f"{path}: missing metadata column(s) {missing}; expected {list(REQUIRED_METADATA)}"
-            )
-        these = feature_columns(df)
-        if not these:
-            raise DataError(f"{path}: no feature columns (every column starts with Metadata_)")
-        bad = [c for c in these if not pd.api.types.is_numeric_dtype(df[c])]
-        if bad:
-            raise DataError(f"{path}: feature column(s) {bad[:5]} are not numeric")
-        if features is None:
-            features = these
-        elif set(these) != set(features):
-            diff = sorted(set(these) ^ set(features))[:5]
-            raise DataError(f"{path}: feature columns differ from {paths[0]} (e.g. {diff})")
-        if df.empty:
-            raise DataError(f"{path}: no rows")
-        frames.append(df)
-    sites = pd.concat(frames, ignore_index=True)
-    sites["Metadata_moa"] = sites["Metadata_moa"].fillna("").astype(str)
+def _read_feature_file(path: str | Path, expected: list[str] | None, first: str | Path | None):
+    """One plate's site table, checked against the contract; features as float64."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"feature file not found: {path}")
+    df = pd.read_parquet(path)
+    missing = [c for c in REQUIRED_METADATA if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing metadata column(s) {missing}; expected {list(REQUIRED_METADATA)}")
+    these = feature_columns(df)
+    if not these:
+        raise DataError(f"{path}: no feature columns (every column starts with Metadata_)")
+    bad = [c for c in these if not pd.api.types.is_numeric_dtype(df[c])]
+    if bad:
+        raise DataError(f"{path}: feature column(s) {bad[:5]} are not numeric")
+    if expected is not None and set(these) != set(expected):
+        diff = sorted(set(these) ^ set(expected))[:5]
+        raise DataError(f"{path}: feature columns differ from {first} (e.g. {diff})")
+    if df.empty:
+        raise DataError(f"{path}: no rows")
+    df["Metadata_moa"] = df["Metadata_moa"].fillna("").astype(str)
     for column in (
         "Metadata_Plate",
         "Metadata_Well",
@@ -128,16 +130,63 @@ def read_site_features(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, list[
         "Metadata_TreatmentId",
         "Metadata_pert_type",
     ):
-        if sites[column].isna().any():
-            row = int(np.flatnonzero(sites[column].isna().to_numpy())[0])
-            raise DataError(f"column {column} is empty in row {row} of the concatenated feature tables")
-    duplicated = sites.duplicated(["Metadata_Plate", "Metadata_Well", "Metadata_Site"])
+        if df[column].isna().any():
+            row = int(np.flatnonzero(df[column].isna().to_numpy())[0])
+            raise DataError(f"{path}: column {column} is empty in row {row}")
+    keys = ["Metadata_Plate", "Metadata_Well", "Metadata_Site"]
+    duplicated = df.duplicated(keys)
     if duplicated.any():
-        first = sites.loc[duplicated, ["Metadata_Plate", "Metadata_Well", "Metadata_Site"]].iloc[0].to_dict()
-        raise DataError(f"site {first} appears more than once in the feature tables")
+        first_dup = df.loc[duplicated, keys].iloc[0].to_dict()
+        raise DataError(f"{path}: site {first_dup} appears more than once")
+    features = list(expected) if expected is not None else these
     # One float64 block (also defragments the frame the many feature columns came in).
-    sites = pd.concat([sites[metadata_columns(sites)], sites[features].astype(np.float64)], axis=1)
+    df = pd.concat([df[metadata_columns(df)], df[features].astype(np.float64)], axis=1)
+    return df, features
+
+
+def read_site_features(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, list[str]]:
+    """Concatenate per-plate site feature tables, checking that they fit together."""
+    if not paths:
+        raise DataError("no feature files given (expected features/<set>/<plate>.parquet)")
+    frames, features = [], None
+    for path in paths:
+        df, features = _read_feature_file(path, features, paths[0])
+        frames.append(df)
+    sites = pd.concat(frames, ignore_index=True)
+    keys = ["Metadata_Plate", "Metadata_Well", "Metadata_Site"]
+    duplicated = sites.duplicated(keys)
+    if duplicated.any():
+        first = sites.loc[duplicated, keys].iloc[0].to_dict()
+        raise DataError(f"site {first} appears more than once in the feature tables")
     return sites, list(features)
+
+
+def well_profiles(
+    feature_paths: Sequence[str | Path], *, correction_alpha: float = 0.0, aggregate: str = "median"
+) -> tuple[pd.DataFrame, list[str]]:
+    """Site tables -> corrected, aggregated well profiles, one plate file at a time.
+
+    Phenotype correction and aggregation are both within a plate, so only one plate's sites are
+    ever in memory: a JUMP-size dataset (millions of sites) needs the memory of its wells, not of
+    its sites.
+    """
+    if not feature_paths:
+        raise DataError("no feature files given (expected features/<set>/<plate>.parquet)")
+    parts, features, n_sites = [], None, 0
+    for path in tqdm(feature_paths, desc="plates -> wells", unit="plate", disable=len(feature_paths) < 20):
+        sites, features = _read_feature_file(path, features, feature_paths[0])
+        n_sites += len(sites)
+        sites = correct_phenotype(sites, features, correction_alpha)
+        parts.append(aggregate_wells(sites, features, aggregate))
+        del sites
+    wells = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    keys = ["Metadata_Plate", "Metadata_Well"]
+    duplicated = wells.duplicated(keys)
+    if duplicated.any():
+        first = wells.loc[duplicated, keys].iloc[0].to_dict()
+        raise DataError(f"well {first} appears in more than one feature file (one file per plate expected)")
+    log.info("read %d sites x %d features from %d file(s)", n_sites, len(features), len(feature_paths))
+    return wells.sort_values(keys, kind="stable").reset_index(drop=True), list(features)
 
 
 def _require_negcon_per_plate(df: pd.DataFrame, step: str) -> None:
@@ -205,67 +254,225 @@ def aggregate_wells(sites: pd.DataFrame, features: list[str], operation: str = "
     return wells.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
+def controls_per_plate(wells: pd.DataFrame) -> dict[str, int]:
+    """Number of negative-control wells on every plate (0 for a plate without controls)."""
+    negcon = wells["Metadata_pert_type"] == "negcon"
+    counts = negcon.groupby(wells["Metadata_Plate"].astype(str), sort=True).sum()
+    return {str(plate): int(n) for plate, n in counts.items()}
+
+
+def _controls_per_group(wells: pd.DataFrame, column: str) -> dict[str, int]:
+    negcon = wells["Metadata_pert_type"] == "negcon"
+    counts = negcon.groupby(wells[column].astype(str), sort=True).sum()
+    return {str(group): int(n) for group, n in counts.items()}
+
+
+def _few(counts: dict[str, int], minimum: int) -> dict[str, int]:
+    return {group: n for group, n in counts.items() if n < minimum}
+
+
+def _listed(counts: dict[str, int], limit: int = 5) -> str:
+    items = [f"{group} ({n})" for group, n in list(counts.items())[:limit]]
+    more = len(counts) - limit
+    return ", ".join(items) + (f" and {more} more" if more > 0 else "")
+
+
+def normalization_plan(
+    wells: pd.DataFrame,
+    *,
+    method: str = "mad_robustize",
+    scope: str = "auto",
+    batch_column: str | None = None,
+    min_controls_per_plate: int = DEFAULT_MIN_CONTROLS_PER_PLATE,
+) -> dict:
+    """Decide where the normalization is fit, and say why: the ``normalization.json`` record.
+
+    ``auto`` normalizes per plate only when every plate has at least ``min_controls_per_plate``
+    control wells: a robust z-score's median and MAD from 2 wells set every control to ±0.674 and
+    divide treatments by the spread of two numbers (DESIGN.md §5).  Otherwise it pools the controls
+    per batch (when ``batch_column`` is given and every batch has enough) or over all plates.
+    Sphering estimates a whole covariance matrix, so ``auto`` always fits it on the pooled controls.
+    """
+    if method not in NORMALIZE_METHODS:
+        raise ConfigError(f"profiles.normalize: {method!r} is not one of {NORMALIZE_METHODS}")
+    if scope not in NORMALIZE_SCOPES:
+        raise ConfigError(f"profiles.normalize_scope: {scope!r} is not one of {NORMALIZE_SCOPES}")
+    if min_controls_per_plate < 1:
+        raise ConfigError(f"profiles.min_controls_per_plate must be >= 1, got {min_controls_per_plate}")
+    if batch_column is not None and batch_column not in wells.columns:
+        raise DataError(
+            f"profiles.batch_column: column {batch_column!r} is not in the well profiles "
+            f"(metadata columns: {metadata_columns(wells)})"
+        )
+    if scope == "batch" and batch_column is None:
+        raise ConfigError("profiles.normalize_scope is 'batch' but profiles.batch_column is not set")
+    per_plate = controls_per_plate(wells) if "Metadata_Plate" in wells.columns else {}
+    total = sum(per_plate.values())
+    minimum = min_controls_per_plate
+    warnings_: list[str] = []
+    record = dict(
+        method=method,
+        scope="none",
+        batch_column=None,
+        reason="",
+        controls_per_plate=per_plate,
+        min_controls_per_plate=minimum,
+        warnings=warnings_,
+    )
+    if method == "none":
+        record["reason"] = "profiles.normalize is 'none': features are left as they are"
+        return record
+
+    without = _few(per_plate, 1)
+    if without and scope == "auto":
+        # Most often a misspelt metadata.negcon; pooling would silently hide that.
+        raise DataError(
+            f"normalize ({method}): plate(s) {_listed(without)} have no negative-control rows "
+            "(Metadata_pert_type == 'negcon'); every plate needs controls (set metadata.negcon in the "
+            "config), or set profiles.normalize_scope: pooled to normalize them against the other plates' controls"
+        )
+    if without and scope in ("pooled", "batch"):
+        warnings_.append(
+            f"plate(s) {_listed(without)} have no control wells: normalized against the controls of "
+            "other plates, their plate effects stay"
+        )
+    few_plates = _few(per_plate, minimum)
+    batches = _controls_per_group(wells, batch_column) if batch_column else {}
+    few_batches = _few(batches, minimum)
+    if scope == "auto":
+        if method == "spherize":
+            chosen = "pooled"
+            reason = (
+                f"sphering estimates a full covariance matrix, far more than one plate's controls can "
+                f"support: fit once on the {total} control wells of all {len(per_plate)} plates"
+            )
+        elif not few_plates:
+            chosen = "plate"
+            reason = f"every plate has at least {minimum} control wells (fewest: {min(per_plate.values())})"
+        elif batch_column and not few_batches:
+            chosen = "batch"
+            reason = (
+                f"plate(s) {_listed(few_plates)} have fewer than {minimum} control wells; every batch "
+                f"of {batch_column} has at least {minimum} (fewest: {min(batches.values())})"
+            )
+        else:
+            chosen = "pooled"
+            reason = (
+                f"plate(s) {_listed(few_plates)} have fewer than {minimum} control wells, too few for "
+                f"a per-plate location and scale: fit on the {total} control wells of all "
+                f"{len(per_plate)} plates pooled"
+            )
+            if batch_column:
+                reason += f" (batch(es) {_listed(few_batches)} of {batch_column} are short too)"
+    else:
+        chosen = scope
+        reason = f"profiles.normalize_scope is {scope!r} (set in the config)"
+        if scope == "plate" and few_plates:
+            warnings_.append(
+                f"plate(s) {_listed(few_plates)} have fewer than {minimum} control wells: their "
+                "per-plate location and scale rest on very few wells"
+            )
+        if scope == "batch" and few_batches:
+            warnings_.append(
+                f"batch(es) {_listed(few_batches)} of {batch_column} have fewer than {minimum} control "
+                "wells: their location and scale rest on very few wells"
+            )
+    if chosen == "pooled" and total < minimum:
+        warnings_.append(
+            f"only {total} control wells in all plates together (fewer than {minimum}): the "
+            "normalization rests on very few wells"
+        )
+    record.update(scope=chosen, reason=reason, batch_column=batch_column if chosen == "batch" else None)
+    return record
+
+
+def _normalization_groups(wells: pd.DataFrame, scope: str, batch_column: str | None):
+    """(label, row positions) of each part normalized by its own pycytominer call."""
+    if scope == "pooled":
+        return [("all plates", np.arange(len(wells)))]
+    column = "Metadata_Plate" if scope == "plate" else batch_column
+    groups = wells.groupby(wells[column].astype(str), sort=True).indices
+    name = "plate" if scope == "plate" else f"{batch_column}"
+    return [(f"{name} {key}", positions) for key, positions in groups.items()]
+
+
 def normalize_profiles(
     wells: pd.DataFrame,
     features: list[str],
     method: str = "mad_robustize",
     *,
+    scope: str = "plate",
+    batch_column: str | None = None,
+    min_controls_per_plate: int = DEFAULT_MIN_CONTROLS_PER_PLATE,
     mad_epsilon: float = 1e-18,
     spherize_method: str = "ZCA-cor",
     spherize_epsilon: float = 1e-6,
 ) -> pd.DataFrame:
-    """Normalize against negative controls: per plate (one pycytominer call each) or sphering.
+    """Normalize against negative-control wells, one ``pycytominer.normalize`` call per scope part.
 
-    Per-plate methods fit location/scale on that plate's negcon wells only.  Sphering fits one
-    whitening transform on the negcon wells of all plates (per-plate control counts are usually far
-    below the feature count); its regularization comes from the config and is never tuned on a metric.
+    ``scope``: ``plate`` (each plate against its own controls), ``pooled`` (one call over all plates,
+    fit on all control wells), ``batch`` (one call per value of ``batch_column``) or ``auto``
+    (:func:`normalization_plan` decides).  Location/scale (or the whitening) are always fit on the
+    control wells only, never on treatments.
     """
+    if scope == "auto":
+        scope = normalization_plan(
+            wells,
+            method=method,
+            scope=scope,
+            batch_column=batch_column,
+            min_controls_per_plate=min_controls_per_plate,
+        )["scope"]
     if method not in NORMALIZE_METHODS:
         raise ConfigError(f"profiles.normalize: {method!r} is not one of {NORMALIZE_METHODS}")
-    if method == "none":
+    if scope not in ("plate", "pooled", "batch", "none"):
+        raise ConfigError(f"profiles.normalize_scope: {scope!r} is not one of {NORMALIZE_SCOPES}")
+    if method == "none" or scope == "none":
         return wells.copy()
+    if scope == "batch" and (batch_column is None or batch_column not in wells.columns):
+        raise DataError(f"normalize per batch: batch column {batch_column!r} is not in the well profiles")
+    if method == "spherize" and spherize_method not in SPHERIZE_METHODS:
+        raise ConfigError(f"profiles.spherize_method: {spherize_method!r} is not one of {SPHERIZE_METHODS}")
+    groups = _normalization_groups(wells, scope, batch_column)
+    negcon = (wells["Metadata_pert_type"] == "negcon").to_numpy()
+    without = [label for label, positions in groups if not negcon[positions].any()]
+    if without:
+        raise DataError(
+            f"normalize ({method}, scope {scope}): {', '.join(without[:5])} have no negative-control "
+            "rows (Metadata_pert_type == 'negcon'); set metadata.negcon in the config, or normalize "
+            "over pooled controls (profiles.normalize_scope: pooled)"
+        )
     pycytominer = _pycytominer()
     meta = metadata_columns(wells)
-    if method == "spherize":
-        if spherize_method not in SPHERIZE_METHODS:
-            raise ConfigError(
-                f"profiles.spherize_method: {spherize_method!r} is not one of {SPHERIZE_METHODS}"
-            )
-        if not (wells["Metadata_pert_type"] == "negcon").any():
-            raise DataError("spherize: no negative-control wells (Metadata_pert_type == 'negcon') to fit on")
+    options = (
+        dict(spherize_method=spherize_method, spherize_epsilon=spherize_epsilon)
+        if method == "spherize"
+        else dict(mad_robustize_epsilon=mad_epsilon)
+    )
+    # Each part's result goes straight into one array in the input's row order (pycytominer keeps
+    # the index of the rows it was given): no list of parts and no concatenated copy of them.
+    values, out_features = None, None
+    for label, positions in tqdm(groups, desc=f"normalize per {scope}", unit=scope, disable=len(groups) < 50):
+        part = wells.iloc[positions] if len(groups) > 1 else wells
         try:
-            normalized = pycytominer.normalize(
-                profiles=wells,
+            result = pycytominer.normalize(
+                profiles=part,
                 features=features,
                 meta_features=meta,
                 samples=NEGCON_QUERY,
-                method="spherize",
-                spherize_method=spherize_method,
-                spherize_epsilon=spherize_epsilon,
+                method=method,
                 output_file=None,
+                **options,
             )
         except ValueError as exc:
-            raise DataError(f"spherize on negcon wells failed: {exc}") from exc
-        return normalized.reset_index(drop=True)
-    _require_negcon_per_plate(wells, f"normalize ({method})")
-    parts = []
-    for plate, plate_wells in wells.groupby("Metadata_Plate", sort=False):
-        try:
-            parts.append(
-                pycytominer.normalize(
-                    profiles=plate_wells,
-                    features=features,
-                    meta_features=meta,
-                    samples=NEGCON_QUERY,
-                    method=method,
-                    mad_robustize_epsilon=mad_epsilon,
-                    output_file=None,
-                )
-            )
-        except ValueError as exc:
-            raise DataError(f"normalize ({method}) failed on plate {plate}: {exc}") from exc
-    normalized = pd.concat(parts).loc[wells.index]
-    return normalized.reset_index(drop=True)
+            raise DataError(f"normalize ({method}) failed on {label}: {exc}") from exc
+        if len(groups) == 1:
+            return result.loc[wells.index].reset_index(drop=True)
+        if values is None:
+            out_features = feature_columns(result)  # PCA sphering renames features PC1..PCn
+            values = np.empty((len(wells), len(out_features)), dtype=np.float64)
+        values[positions] = result.loc[part.index, out_features].to_numpy(dtype=np.float64)
+    return pd.concat([wells[meta].reset_index(drop=True), pd.DataFrame(values, columns=out_features)], axis=1)
 
 
 def select_features(
@@ -298,17 +505,20 @@ def select_features(
     selected = normalized
     if operations:
         pycytominer = _pycytominer()
-        selected = pycytominer.feature_select(
-            profiles=normalized,
-            features=features,
-            operation=operations,
-            na_cutoff=na_cutoff,
-            corr_threshold=corr_threshold,
-            freq_cut=freq_cut,
-            unique_cut=unique_cut,
-            outlier_cutoff=outlier_cutoff,
-            output_file=None,
-        )
+        try:
+            selected = pycytominer.feature_select(
+                profiles=normalized,
+                features=features,
+                operation=operations,
+                na_cutoff=na_cutoff,
+                corr_threshold=corr_threshold,
+                freq_cut=freq_cut,
+                unique_cut=unique_cut,
+                outlier_cutoff=outlier_cutoff,
+                output_file=None,
+            )
+        except ValueError as exc:  # e.g. scikit-learn: no feature meets the variance threshold
+            raise DataError(f"feature selection {operations} left no usable features: {exc}") from exc
     kept = [f for f in features if f in selected.columns]
     values = selected[kept].to_numpy(dtype=np.float64)
     finite = np.isfinite(values).all(axis=0)
@@ -359,20 +569,23 @@ def _as_float32(df: pd.DataFrame, features: list[str]) -> pd.DataFrame:
     return out
 
 
-def build_profiles(
-    feature_paths: Sequence[str | Path],
+DEFAULT_FEATURE_SELECT = ("drop_na_columns", "variance_threshold", "correlation_threshold", "drop_outliers")
+PROFILE_FILES = ("well", "normalized", "selected", "consensus")
+
+
+def profile_steps(
+    wells: pd.DataFrame,
+    features: list[str],
     out_dir: str | Path,
     *,
-    aggregate: str = "median",
+    level: str = "well",
     normalize: str = "mad_robustize",
-    feature_select: Sequence[str] = (
-        "drop_na_columns",
-        "variance_threshold",
-        "correlation_threshold",
-        "drop_outliers",
-    ),
+    normalize_scope: str = "auto",
+    batch_column: str | None = None,
+    min_controls_per_plate: int = DEFAULT_MIN_CONTROLS_PER_PLATE,
+    already_normalized: bool = False,
+    feature_select: Sequence[str] = DEFAULT_FEATURE_SELECT,
     consensus: str = "median",
-    correction_alpha: float = 0.0,
     mad_epsilon: float = 1e-18,
     spherize_method: str = "ZCA-cor",
     spherize_epsilon: float = 1e-6,
@@ -382,105 +595,166 @@ def build_profiles(
     unique_cut: float = 0.01,
     outlier_cutoff: float = 500.0,
 ) -> dict[str, Path]:
-    """Run every step and write ``well``, ``normalized``, ``selected``, ``consensus`` .parquet."""
-    if not 0 <= correction_alpha <= 1:
-        raise ConfigError(f"profiles.correction_alpha must be in [0, 1], got {correction_alpha}")
+    """Well profiles -> normalized, selected and consensus tables + ``normalization.json``.
+
+    ``level="treatment"``: the rows are already one profile per treatment (a published consensus
+    table): there are no control wells to normalize against, so the rows are used as given and
+    only feature selection runs; ``consensus.parquet`` holds the same rows.
+    """
+    if level not in ("well", "treatment"):
+        raise ConfigError(f"profile level must be 'well' or 'treatment', got {level!r}")
     out_dir = Path(out_dir)
-    sites, features = read_site_features(feature_paths)
-    log.info("read %d sites x %d features from %d file(s)", len(sites), len(features), len(feature_paths))
-    log.info("phenotype correction: %s", f"alpha={correction_alpha}" if correction_alpha else "off")
-    sites = correct_phenotype(sites, features, correction_alpha)
-    wells = aggregate_wells(sites, features, aggregate)
-    normalized = normalize_profiles(
-        wells,
-        features,
-        normalize,
-        mad_epsilon=mad_epsilon,
-        spherize_method=spherize_method,
-        spherize_epsilon=spherize_epsilon,
-    )
+    wells = wells.reset_index(drop=True)
+    if level == "treatment" or already_normalized:
+        plan = normalization_plan(wells, method="none", min_controls_per_plate=min_controls_per_plate)
+        plan["reason"] = (
+            "treatment-level table: one profile per treatment, no control wells to fit a normalization on; "
+            "used as given"
+            if level == "treatment"
+            else "the table is already normalized (external normalized: true); used as given"
+        )
+        normalized = wells.copy()
+    else:
+        plan = normalization_plan(
+            wells,
+            method=normalize,
+            scope=normalize_scope,
+            batch_column=batch_column,
+            min_controls_per_plate=min_controls_per_plate,
+        )
+        log.info("normalization: %s, scope %s (%s)", plan["method"], plan["scope"], plan["reason"])
+        for warning in plan["warnings"]:
+            log.warning("normalization: %s", warning)
+        normalized = normalize_profiles(
+            wells,
+            features,
+            normalize,
+            scope=plan["scope"],
+            batch_column=plan["batch_column"],
+            mad_epsilon=mad_epsilon,
+            spherize_method=spherize_method,
+            spherize_epsilon=spherize_epsilon,
+        )
+    paths = {name: out_dir / f"{name}.parquet" for name in PROFILE_FILES}
+    written: list[Path] = []
+
+    def write(df: pd.DataFrame, columns: list[str], name: str) -> None:
+        write_parquet(_as_float32(df, columns), paths[name])
+        written.append(paths[name])
+
+    try:
+        return _select_and_consensus(
+            wells,
+            features,
+            normalized,
+            plan,
+            paths,
+            write,
+            level=level,
+            feature_select=feature_select,
+            consensus=consensus,
+            na_cutoff=na_cutoff,
+            corr_threshold=corr_threshold,
+            freq_cut=freq_cut,
+            unique_cut=unique_cut,
+            outlier_cutoff=outlier_cutoff,
+        )
+    except BaseException:
+        for path in written:  # a failed run leaves none of its outputs (earlier runs' files stay)
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _select_and_consensus(
+    wells, features, normalized, plan, paths, write, *, level, feature_select, consensus, **selection
+) -> dict[str, Path]:
+    # Each table is written as soon as it exists, and dropped once the next step has it (at JUMP
+    # size a table of wells is gigabytes).
+    write(wells, features, "well")
     norm_features = feature_columns(normalized)  # PCA sphering renames features PC1..PCn
     selected, kept = select_features(
         normalized,
         norm_features,
         feature_select,
-        na_cutoff=na_cutoff,
-        corr_threshold=corr_threshold,
-        freq_cut=freq_cut,
-        unique_cut=unique_cut,
-        outlier_cutoff=outlier_cutoff,
+        **selection,
     )
+    write(normalized, norm_features, "normalized")
+    del normalized
     log.info(
-        "%d wells; %d of %d features kept by %s",
+        "%d %s profiles; %d of %d features kept by %s",
         len(selected),
+        level,
         len(kept),
         len(norm_features),
         list(feature_select),
     )
-    treatment_profiles = consensus_profiles(selected, kept, consensus)
-    paths = {name: out_dir / f"{name}.parquet" for name in ("well", "normalized", "selected", "consensus")}
-    write_parquet(_as_float32(wells, features), paths["well"])
-    write_parquet(_as_float32(normalized, norm_features), paths["normalized"])
-    write_parquet(_as_float32(selected, kept), paths["selected"])
-    write_parquet(_as_float32(treatment_profiles, kept), paths["consensus"])
+    if level == "treatment":
+        treatment_profiles = selected.copy()
+        if "Metadata_n_wells" not in treatment_profiles.columns:
+            treatment_profiles.insert(len(TREATMENT_COLUMNS), "Metadata_n_wells", 1)
+        meta = list(TREATMENT_COLUMNS) + ["Metadata_n_wells"]
+        meta += [c for c in metadata_columns(treatment_profiles) if c not in meta]
+        treatment_profiles = treatment_profiles[meta + kept]
+    else:
+        treatment_profiles = consensus_profiles(selected, kept, consensus)
+    write(selected, kept, "selected")
+    write(treatment_profiles, kept, "consensus")
+    paths["normalization"] = paths["well"].parent / "normalization.json"
+    write_json(plan, paths["normalization"])
     return paths
+
+
+def build_profiles(
+    feature_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    aggregate: str = "median",
+    correction_alpha: float = 0.0,
+    **steps,
+) -> dict[str, Path]:
+    """Site features of every plate -> ``well``, ``normalized``, ``selected``, ``consensus`` .parquet
+    and ``normalization.json`` (keyword options of :func:`profile_steps` pass through)."""
+    if not 0 <= correction_alpha <= 1:
+        raise ConfigError(f"profiles.correction_alpha must be in [0, 1], got {correction_alpha}")
+    log.info("phenotype correction: %s", f"alpha={correction_alpha}" if correction_alpha else "off")
+    wells, features = well_profiles(feature_paths, correction_alpha=correction_alpha, aggregate=aggregate)
+    return profile_steps(wells, features, out_dir, **steps)
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
-def _run(args: argparse.Namespace) -> None:
-    paths = build_profiles(
-        args.features,
-        args.out,
-        aggregate=args.aggregate,
-        normalize=args.normalize,
-        feature_select=args.feature_select,
-        consensus=args.consensus,
-        correction_alpha=args.correction_alpha,
-        mad_epsilon=args.mad_epsilon,
-        spherize_method=args.spherize_method,
-        spherize_epsilon=args.spherize_epsilon,
-        na_cutoff=args.na_cutoff,
-        corr_threshold=args.corr_threshold,
-        freq_cut=args.freq_cut,
-        unique_cut=args.unique_cut,
-        outlier_cutoff=args.outlier_cutoff,
-    )
-    for path in paths.values():
-        print(path)
-
-
-def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "profiles",
-        help="site features -> well/normalized/selected/consensus profiles (pycytominer)",
-        description=__doc__.splitlines()[0],
-    )
-    parser.add_argument("--features", nargs="+", required=True, help="features/<set>/<plate>.parquet files")
-    parser.add_argument("--out", required=True, help="output folder profiles/<set>")
-    parser.add_argument("--aggregate", default="median", choices=AGGREGATE_OPERATIONS, help="sites -> wells")
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the normalize / select / consensus steps (shared with ``evaluate --table``)."""
     parser.add_argument(
         "--normalize",
         default="mad_robustize",
         choices=NORMALIZE_METHODS,
-        help="per-plate against negcon wells, or spherize (fit on negcon wells)",
+        help="against negcon wells (robust z-score, z-score, robust scaling) or spherize (fit on negcon wells)",
+    )
+    parser.add_argument(
+        "--normalize-scope",
+        default="auto",
+        choices=NORMALIZE_SCOPES,
+        help="fit per plate, on all plates' controls pooled, or per --batch-column; auto = per plate only "
+        "when every plate has --min-controls-per-plate control wells, else pooled",
+    )
+    parser.add_argument("--batch-column", default=None, help="metadata column naming each well's batch")
+    parser.add_argument(
+        "--min-controls-per-plate",
+        type=int,
+        default=DEFAULT_MIN_CONTROLS_PER_PLATE,
+        help="auto scope: control wells every plate needs for a per-plate normalization",
     )
     parser.add_argument(
         "--feature-select",
         nargs="*",
-        default=["drop_na_columns", "variance_threshold", "correlation_threshold", "drop_outliers"],
+        default=list(DEFAULT_FEATURE_SELECT),
         metavar="OP",
         help=f"pycytominer operations in order, drop_na_columns first; from {FEATURE_SELECT_OPERATIONS}",
     )
     parser.add_argument(
         "--consensus", default="median", choices=CONSENSUS_OPERATIONS, help="wells -> treatment"
-    )
-    parser.add_argument(
-        "--correction-alpha",
-        type=float,
-        default=0.0,
-        help="subtract alpha x mean negcon site profile per plate (0 = off; paper 0.7)",
     )
     parser.add_argument("--mad-epsilon", type=float, default=1e-18, help="mad_robustize epsilon")
     parser.add_argument("--spherize-method", default="ZCA-cor", choices=SPHERIZE_METHODS)
@@ -490,4 +764,77 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--freq-cut", type=float, default=0.05, help="variance_threshold freq_cut")
     parser.add_argument("--unique-cut", type=float, default=0.01, help="variance_threshold unique_cut")
     parser.add_argument("--outlier-cutoff", type=float, default=500.0, help="drop_outliers cutoff")
+
+
+def step_options(args: argparse.Namespace) -> dict:
+    """:func:`profile_steps` keyword options from :func:`add_step_arguments` arguments."""
+    return dict(
+        normalize=args.normalize,
+        normalize_scope=args.normalize_scope,
+        batch_column=args.batch_column,
+        min_controls_per_plate=args.min_controls_per_plate,
+        feature_select=args.feature_select,
+        consensus=args.consensus,
+        mad_epsilon=args.mad_epsilon,
+        spherize_method=args.spherize_method,
+        spherize_epsilon=args.spherize_epsilon,
+        na_cutoff=args.na_cutoff,
+        corr_threshold=args.corr_threshold,
+        freq_cut=args.freq_cut,
+        unique_cut=args.unique_cut,
+        outlier_cutoff=args.outlier_cutoff,
+    )
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.table:
+        from . import external
+
+        table = external.read_table(args.table, external.mapping_from_args(args), level=args.level)
+        paths = profile_steps(
+            table.profiles,
+            table.features,
+            args.out,
+            level=args.level,
+            already_normalized=args.normalized,
+            **step_options(args),
+        )
+    else:
+        paths = build_profiles(
+            args.features,
+            args.out,
+            aggregate=args.aggregate,
+            correction_alpha=args.correction_alpha,
+            **step_options(args),
+        )
+    for path in paths.values():
+        print(path)
+
+
+def register_cli(subparsers) -> None:
+    from . import external
+
+    parser = subparsers.add_parser(
+        "profiles",
+        help="site features (or a profile table) -> well/normalized/selected/consensus profiles (pycytominer)",
+        description=__doc__.splitlines()[0],
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--features", nargs="+", help="features/<set>/<plate>.parquet files")
+    source.add_argument(
+        "--table",
+        nargs="+",
+        metavar="PATH",
+        help="an existing profile table (CSV, CSV.GZ or Parquet; several files are concatenated)",
+    )
+    parser.add_argument("--out", required=True, help="output folder profiles/<set>")
+    parser.add_argument("--aggregate", default="median", choices=AGGREGATE_OPERATIONS, help="sites -> wells")
+    parser.add_argument(
+        "--correction-alpha",
+        type=float,
+        default=0.0,
+        help="subtract alpha x mean negcon site profile per plate (0 = off; paper 0.7)",
+    )
+    add_step_arguments(parser)
+    external.add_table_arguments(parser)
     parser.set_defaults(func=_run)

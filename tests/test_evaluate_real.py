@@ -6,9 +6,13 @@ Real data (skipped with a reason when ../shared/data is absent):
   clear margin.
 * LINCS plate SQ00015054 (already normalized): copairs phenotypic activity of compounds against DMSO
   must beat shuffled compound labels by a clear margin.
+* The embedded demo (slow): classic features with the shipped config retrieve lonafarnib as active.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -301,3 +305,116 @@ def test_lincs_activity_beats_shuffled_labels(shared_data):
     )
     assert real_map > null_map + 0.2
     assert real_frac > 0.4 and null_frac < 0.1
+
+
+# ----------------------------------------------------------------------------- notes
+
+
+def test_summary_note_says_why_a_value_is_missing(tmp_path):
+    # 4 treatments on ONE well each (no replicates), MoAs in pairs (no MoA with 3 treatments).
+    rng = np.random.default_rng(2)
+    rows = [("P0", f"W{k}", f"cpd{k}", "trt", f"moa{k // 2}") for k in range(4)]
+    rows += [("P0", f"C{k}", "DMSO", "negcon", "") for k in range(3)]
+    wells = pd.DataFrame(
+        rows,
+        columns=[
+            "Metadata_Plate",
+            "Metadata_Well",
+            "Metadata_TreatmentId",
+            "Metadata_pert_type",
+            "Metadata_moa",
+        ],
+    )
+    wells["Metadata_Treatment"] = wells["Metadata_TreatmentId"]
+    features = [f"f{j}" for j in range(6)]
+    wells[features] = rng.standard_normal((len(wells), 6)).astype(np.float32)
+    folder = tmp_path / "profiles" / "pairs"
+    folder.mkdir(parents=True)
+    wells.to_parquet(folder / "selected.parquet", index=False)
+    profiles.consensus_profiles(wells, features, "median").to_parquet(
+        folder / "consensus.parquet", index=False
+    )
+    evaluate.evaluate_profiles(folder, tmp_path / "eval" / "pairs", null_size=200)
+    summary = evaluate.summarize_set(tmp_path / "eval" / "pairs").set_index("metric")
+    assert summary["note"].map(type).eq(str).all()
+    assert np.isnan(summary.loc["map_activity", "value"])
+    assert summary.loc["map_activity", "note"] == evaluate.NOTE_NO_REPLICATES
+    assert summary.loc["fraction_retrieved_activity", "note"] == evaluate.NOTE_NO_REPLICATES
+    assert np.isnan(summary.loc["map_interpolated", "value"])
+    assert summary.loc["map_interpolated", "note"] == evaluate.NOTE_NO_MOA_OF_THREE
+    for metric in ("map_ap", "map_consistency", "recall_top1pct"):
+        assert np.isfinite(summary.loc[metric, "value"]) and summary.loc[metric, "note"] == "", metric
+
+    # No MoA labels at all: every MoA metric says so; activity is still computed.
+    wells["Metadata_moa"] = ""
+    wells = pd.concat([wells, wells.iloc[:4].assign(Metadata_Well=lambda d: d["Metadata_Well"] + "b")])
+    folder = tmp_path / "profiles" / "unlabelled"
+    folder.mkdir(parents=True)
+    wells.to_parquet(folder / "selected.parquet", index=False)
+    profiles.consensus_profiles(wells, features, "median").to_parquet(
+        folder / "consensus.parquet", index=False
+    )
+    evaluate.evaluate_profiles(folder, tmp_path / "eval" / "unlabelled", null_size=200)
+    summary = evaluate.summarize_set(tmp_path / "eval" / "unlabelled").set_index("metric")
+    assert np.isfinite(summary.loc["map_activity", "value"]) and summary.loc["map_activity", "note"] == ""
+    for metric in ("map_ap", "map_interpolated", "foe_top1_mean", "recall_top10pct", "map_consistency"):
+        assert np.isnan(summary.loc[metric, "value"]), metric
+        assert summary.loc[metric, "note"] == evaluate.NOTE_FEW_ANNOTATED, metric
+
+
+# ----------------------------------------------------------------------------- the demo
+
+
+@pytest.mark.slow
+def test_demo_classic_features_find_lonafarnib_active(repo_root, tmp_path):
+    """With the shipped demo config, classic features retrieve lonafarnib (which halves the cell
+    count) as phenotypically active: BH-corrected copairs p < 0.05.
+
+    The demo plates have 2 DMSO wells each; per-plate robust z-scores against them hid lonafarnib
+    (BH p ~0.6).  The default scope pools the 10 DMSO wells of the 5 plates (DESIGN.md §5).
+    """
+    import os
+    import subprocess
+    import sys
+
+    from phenoprofiler_core.config import load_config
+
+    bin_dir = str(Path(sys.executable).parent)
+    results = tmp_path / "results"
+    target = results / "demo" / "profiles" / "classic" / "consensus.parquet"
+    run = subprocess.run(
+        [f"{bin_dir}/snakemake", "--cores", "2", "--configfile", "config/demo.yaml"]
+        + ["--config", f"results={results}", "--", str(target)],
+        cwd=repo_root,
+        env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"),
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    plan = json.loads((target.parent / "normalization.json").read_text())
+    assert plan["scope"] == "pooled" and set(plan["controls_per_plate"].values()) == {2}
+
+    config = load_config(repo_root / "config" / "demo.yaml")
+    settings = dict(
+        null_size=config["evaluate"]["null_size"],
+        threshold=config["evaluate"]["threshold"],
+        seed=config["seed"],
+        same_plate_negcon=config["evaluate"]["same_plate_negcon"],
+    )
+    paths = evaluate.evaluate_profiles(target.parent, tmp_path / "eval" / "classic", **settings)
+    activity = pd.read_parquet(paths["map_activity"]).set_index("Metadata_Treatment")
+    columns = ["n_wells", "mean_average_precision", "p_value", "corrected_p_value"]
+    print("pooled controls (shipped default):\n", activity[columns].round(4).to_string())
+    assert activity.loc["lonafarnib", "corrected_p_value"] < 0.05
+    assert activity.loc["lonafarnib", "below_corrected_p"]
+
+    # The same wells normalized per plate against their 2 DMSO wells: lonafarnib is lost.
+    wells = pd.read_parquet(target.parent / "well.parquet")
+    features = profiles.feature_columns(wells)
+    profiles.profile_steps(
+        wells.astype({f: np.float64 for f in features}), features, tmp_path / "plate", normalize_scope="plate"
+    )
+    per_plate = evaluate.evaluate_profiles(tmp_path / "plate", tmp_path / "eval" / "plate", **settings)
+    per_plate = pd.read_parquet(per_plate["map_activity"]).set_index("Metadata_Treatment")
+    print("per-plate controls (the old default):\n", per_plate[columns].round(4).to_string())
+    assert per_plate.loc["lonafarnib", "corrected_p_value"] > activity.loc["lonafarnib", "corrected_p_value"]

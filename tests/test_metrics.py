@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.stats import fisher_exact
 
@@ -166,3 +167,174 @@ def test_bad_input_is_rejected():
         metrics.retrieval_metrics(np.zeros((2, 3)), np.zeros((2, 3), dtype=bool))
     with pytest.raises(ValueError, match="NaN"):
         metrics.retrieval_metrics(np.full((3, 3), np.nan), np.eye(3, dtype=bool))
+
+
+# ----------------------------------------------------------------------------- FoE median
+
+
+def test_foe_median_follows_the_published_infinite_odds_rule():
+    # Five queries (each has a same-MoA partner); odds ratios 2, inf, inf, inf and NaN (empty margin).
+    # Published rule: inf -> v22, so the ORs are 2, 7, 3, 9 (NaN skipped):
+    #   mean = 21/4 = 5.25, median = (3 + 7)/2 = 5.  The raw median of 2, inf, inf, inf is inf.
+    result = metrics.RetrievalResult(
+        n_positives=np.ones(5, dtype=int),
+        foe_v=np.array([[1, 1, 1, 10], [1, 0, 1, 7], [1, 0, 1, 3], [1, 0, 1, 9], [0, 0, 2, 4]]),
+        foe_threshold=np.zeros(5),
+        foe_odds_ratio=np.array([2.0, np.inf, np.inf, np.inf, np.nan]),
+        foe_p_value=np.full(5, 0.5),
+        average_precision=np.full(5, 0.5),
+        interpolated_precision=np.full(5, np.nan),
+        recall={1: np.full(5, 0.5)},
+    )
+    summary = metrics.summarize_retrieval(result)
+    assert summary["foe_top1_mean"]["value"] == pytest.approx(5.25)
+    assert summary["foe_top1_median"]["value"] == pytest.approx(5.0)
+    assert summary["foe_top1_median"]["n"] == 4
+    assert np.isinf(summary["foe_top1_median_raw"]["value"])
+    assert "diagnostic" in summary["foe_top1_median_raw"]["variant"]
+
+
+# ----------------------------------------------------------------------------- block-wise
+
+
+def _random_moas(rng, n, n_labels=5):
+    first = rng.integers(0, n_labels, n)
+    return [
+        f"m{a}|m{(a + 1) % n_labels}" if rng.random() < 0.2 else ("" if rng.random() < 0.1 else f"m{a}")
+        for a in first
+    ]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_blockwise_from_profiles_equals_the_dense_matrices(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 90))
+    profiles = rng.standard_normal((n, 6)) + np.repeat(rng.standard_normal((1, 6)), n, axis=0)
+    moas = _random_moas(rng, n)
+    dense = metrics.retrieval_metrics(
+        metrics.cosine_similarity_matrix(profiles), metrics.moa_match_matrix(moas), block_rows=n
+    )
+    blocked = metrics.retrieval_metrics_from_profiles(profiles, moas, block_rows=7)
+    np.testing.assert_array_equal(dense.n_positives, blocked.n_positives)
+    np.testing.assert_array_equal(dense.foe_v, blocked.foe_v)
+    for name in (
+        "foe_threshold",
+        "foe_odds_ratio",
+        "foe_p_value",
+        "average_precision",
+        "interpolated_precision",
+    ):
+        np.testing.assert_allclose(getattr(dense, name), getattr(blocked, name), rtol=1e-9, atol=1e-12)
+    for k in dense.recall:
+        np.testing.assert_allclose(dense.recall[k], blocked.recall[k], atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- copairs AP, block-wise
+
+
+def _copairs():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import copairs.map as copairs_map
+        from copairs.matching import assign_reference_index
+    return copairs_map, assign_reference_index
+
+
+def test_replicate_ap_by_hand_and_as_copairs_ranks_ties():
+    # Treatment A has wells a1 = (1, 0) and a2 = (0.5, 0.866); controls c1 = (1, 0.1),
+    # c2 = (0, 1), c3 = (0.5, -0.866).
+    # a1: positive a2 at cos 0.5; negatives c1 0.995, c2 0, c3 0.5 (tied with a2: the positive
+    #     ranks first) -> ranking c1, a2, c3, c2 -> AP = 1/2.
+    # a2: positive a1 at 0.5; negatives c2 0.866, c1 0.584, c3 -0.5 -> c2, c1, a1 -> AP = 1/3.
+    s = np.sqrt(3) / 2
+    profiles = np.array([[1, 0], [0.5, s], [1, 0.1], [0, 1], [0.5, -s]])
+    groups = np.array([0, 0, 1, 1, 1])
+    is_control = np.array([False, False, True, True, True])
+    ap = metrics.replicate_average_precision(profiles, groups, is_control)
+    assert ap["row"].tolist() == [0, 1]
+    assert ap["average_precision"].tolist() == pytest.approx([1 / 2, 1 / 3])
+    assert ap["n_pos_pairs"].tolist() == [1, 1] and ap["n_total_pairs"].tolist() == [4, 4]
+    # copairs itself on the same wells
+    copairs_map, assign_reference_index = _copairs()
+    meta = pd.DataFrame({"t": ["A", "A", "D", "D", "D"], "negcon": is_control})
+    meta = assign_reference_index(meta, "negcon", reference_col="ref", default_value=-1)
+    reference = copairs_map.average_precision(
+        meta, profiles, ["t", "ref"], [], [], ["negcon", "ref"], progress_bar=False
+    )
+    assert reference["average_precision"][:2].tolist() == pytest.approx([1 / 2, 1 / 3])
+
+
+def _wells(rng, n_plates=3, n_treatments=7, n_controls=3, dim=5, rounded=False):
+    rows, values = [], []
+    for plate in range(n_plates):
+        for t in range(n_treatments):
+            for _ in range(int(rng.integers(0, 3))):  # 0-2 wells per plate: some treatments single
+                rows.append((f"P{plate}", f"T{t}", False))
+                values.append(rng.standard_normal(dim) + t % 3)
+        for _ in range(n_controls):
+            rows.append((f"P{plate}", "DMSO", True))
+            values.append(rng.standard_normal(dim))
+    meta = pd.DataFrame(rows, columns=["plate", "t", "negcon"])
+    profiles = np.array(values)
+    # rounded to half-integers: many exact ties, never a zero row (cosine undefined)
+    return meta, (np.round(profiles) + 0.5 if rounded else profiles)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("count_by", ["comparison", "sorting"])
+def test_replicate_ap_equals_copairs(seed, count_by, monkeypatch):
+    # Both ways of counting the negatives ranked before a positive (few positives: comparisons;
+    # many, e.g. positive controls: a sort), and both ways of scoring the positives (pair by pair;
+    # one product of a large group with itself), must give copairs' numbers.
+    monkeypatch.setattr(metrics, "_FEW_POSITIVES", 10**6 if count_by == "comparison" else 0)
+    monkeypatch.setattr(metrics, "_BIG_GROUP", 10**9 if count_by == "comparison" else 2)
+    rng = np.random.default_rng(seed)
+    meta, profiles = _wells(rng, rounded=seed % 2 == 0)  # rounded: many exact ties
+    same_plate = seed % 3 == 0
+    copairs_map, assign_reference_index = _copairs()
+    ref_meta = assign_reference_index(meta.copy(), "negcon", reference_col="ref", default_value=-1)
+    reference = copairs_map.average_precision(
+        ref_meta,
+        profiles,
+        ["t", "ref"],
+        [],
+        ["plate"] if same_plate else [],
+        ["negcon", "ref"],
+        progress_bar=False,
+    )
+    reference = reference[~reference["negcon"] & (reference["n_pos_pairs"] > 0)]
+    ours = metrics.replicate_average_precision(
+        profiles,
+        pd.factorize(meta["t"])[0],
+        meta["negcon"].to_numpy(),
+        pools=pd.factorize(meta["plate"])[0] if same_plate else None,
+        block_rows=4,
+    )
+    assert ours["row"].tolist() == reference.index.tolist()
+    np.testing.assert_allclose(ours["average_precision"], reference["average_precision"], rtol=1e-12)
+    np.testing.assert_array_equal(ours["n_pos_pairs"], reference["n_pos_pairs"])
+    np.testing.assert_array_equal(ours["n_total_pairs"], reference["n_total_pairs"])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_multilabel_ap_equals_copairs(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(12, 40))
+    profiles = rng.standard_normal((n, 4))
+    if seed % 2 == 0:
+        profiles = np.round(profiles) + 0.5  # exact ties, no zero row
+    moas = [m or "m0" for m in _random_moas(rng, n, n_labels=4)]
+    copairs_map, _ = _copairs()
+    meta = pd.DataFrame({"label": [sorted(metrics.split_moa(m)) for m in moas], "row": np.arange(n)})
+    reference = copairs_map.multilabel.average_precision(
+        meta, profiles, ["label"], [], [], ["label"], multilabel_col="label", progress_bar=False
+    )
+    ours = metrics.multilabel_average_precision(profiles, moas, block_rows=5)
+    key = ["row", "label"]
+    merged = ours.merge(reference, on=key, suffixes=("", "_copairs"), how="outer", indicator=True)
+    assert (merged["_merge"] == "both").all(), merged[merged["_merge"] != "both"]
+    np.testing.assert_allclose(merged["average_precision"], merged["average_precision_copairs"], rtol=1e-12)
+    np.testing.assert_array_equal(merged["n_pos_pairs"], merged["n_pos_pairs_copairs"])
+    np.testing.assert_array_equal(merged["n_total_pairs"], merged["n_total_pairs_copairs"])

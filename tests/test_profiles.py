@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -236,3 +238,162 @@ def test_plates_with_different_features_are_rejected(tmp_path):
     p1.to_parquet(tmp_path / "P1.parquet")
     with pytest.raises(DataError, match=r"P1\.parquet"):
         profiles.read_site_features([tmp_path / "P0.parquet", tmp_path / "P1.parquet"])
+
+
+# ----------------------------------------------------------------------------- normalization scope
+
+
+def control_wells(counts, treated=2, batches=None):
+    """One feature; per plate `counts[plate]` control wells and `treated` treatment wells."""
+    rows = []
+    for plate, n in counts.items():
+        for k in range(n):
+            rows.append((plate, f"C{k:02d}", "DMSO", "negcon"))
+        for k in range(treated):
+            rows.append((plate, f"T{k:02d}", "cpd", "trt"))
+    wells = pd.DataFrame(
+        rows, columns=["Metadata_Plate", "Metadata_Well", "Metadata_TreatmentId", "Metadata_pert_type"]
+    )
+    wells["Metadata_Treatment"] = wells["Metadata_TreatmentId"]
+    wells["Metadata_moa"] = ""
+    if batches:
+        wells["Metadata_Batch"] = wells["Metadata_Plate"].map(batches)
+    wells["f"] = np.arange(len(wells), dtype=float) % 7
+    return wells
+
+
+def test_auto_scope_pools_when_a_plate_has_few_controls():
+    wells = control_wells({"P0": 2, "P1": 2, "P2": 20})
+    plan = profiles.normalization_plan(wells, method="mad_robustize")
+    assert plan["scope"] == "pooled" and plan["batch_column"] is None
+    assert plan["controls_per_plate"] == {"P0": 2, "P1": 2, "P2": 20}
+    assert plan["min_controls_per_plate"] == profiles.DEFAULT_MIN_CONTROLS_PER_PLATE == 16
+    assert "P0 (2)" in plan["reason"] and "P1 (2)" in plan["reason"] and "P2" not in plan["reason"]
+    assert plan["warnings"] == []
+    assert set(plan) == {
+        "method",
+        "scope",
+        "batch_column",
+        "reason",
+        "controls_per_plate",
+        "min_controls_per_plate",
+        "warnings",
+    }
+
+
+def test_auto_scope_is_per_plate_when_every_plate_has_enough_controls():
+    wells = control_wells({"P0": 16, "P1": 17})
+    assert profiles.normalization_plan(wells)["scope"] == "plate"
+    assert profiles.normalization_plan(wells, min_controls_per_plate=17)["scope"] == "pooled"
+
+
+def test_auto_scope_uses_batches_when_they_have_enough_controls():
+    wells = control_wells(
+        {"P0": 8, "P1": 8, "P2": 8, "P3": 8}, batches={"P0": "b1", "P1": "b1", "P2": "b2", "P3": "b2"}
+    )
+    plan = profiles.normalization_plan(wells, batch_column="Metadata_Batch")
+    assert plan["scope"] == "batch" and plan["batch_column"] == "Metadata_Batch"
+    # one batch short -> pooled, and the short batch is named
+    plan = profiles.normalization_plan(wells, batch_column="Metadata_Batch", min_controls_per_plate=17)
+    assert plan["scope"] == "pooled" and "b1 (16)" in plan["reason"]
+
+
+def test_explicit_scope_is_kept_with_a_warning_naming_short_plates():
+    wells = control_wells({"P0": 2, "P1": 20})
+    plan = profiles.normalization_plan(wells, scope="plate")
+    assert plan["scope"] == "plate" and len(plan["warnings"]) == 1 and "P0 (2)" in plan["warnings"][0]
+    assert profiles.normalization_plan(wells, method="spherize")["scope"] == "pooled"
+    assert profiles.normalization_plan(wells, method="none")["scope"] == "none"
+    with pytest.raises(ConfigError, match="batch_column"):
+        profiles.normalization_plan(wells, scope="batch")
+    with pytest.raises(DataError, match="Metadata_Nope"):
+        profiles.normalization_plan(wells, batch_column="Metadata_Nope")
+
+
+def test_two_control_robust_z_scores_are_degenerate_and_pooled_ones_are_not():
+    # One feature.  P0: controls 1, 3, treatment 6.  P1: controls 2, 4, 10, treatment 6.
+    # Per plate, P0's median is 2 and its MAD 1: the controls become +-1/1.4826 = +-0.6745 whatever
+    # their values (two numbers always sit one MAD from their median).
+    # Pooled: controls 1, 3, 2, 4, 10 -> median 3, |deviations| 2, 0, 1, 1, 7 -> MAD 1 -> scale 1.4826;
+    # the treatment becomes (6 - 3) / 1.4826 = 2.0235, control 10 becomes 7 / 1.4826 = 4.7214.
+    wells = pd.DataFrame(
+        {
+            "Metadata_Plate": ["P0"] * 3 + ["P1"] * 4,
+            "Metadata_Well": ["A1", "A2", "A3", "A1", "A2", "A3", "A4"],
+            "Metadata_TreatmentId": ["DMSO", "DMSO", "cpd", "DMSO", "DMSO", "DMSO", "cpd"],
+            "Metadata_pert_type": ["negcon", "negcon", "trt", "negcon", "negcon", "negcon", "trt"],
+            "f": [1.0, 3.0, 6.0, 2.0, 4.0, 10.0, 6.0],
+        }
+    )
+    per_plate = profiles.normalize_profiles(wells, ["f"], "mad_robustize", scope="plate")
+    np.testing.assert_allclose(per_plate["f"][:2], [-0.67449, 0.67449], atol=1e-4)
+    pooled = profiles.normalize_profiles(wells, ["f"], "mad_robustize", scope="pooled")
+    np.testing.assert_allclose(pooled["f"], np.array([-2, 0, 3, -1, 1, 7, 3]) / 1.4826, rtol=1e-9)
+    # batch scope with one batch per plate is the per-plate result
+    wells["Metadata_Batch"] = wells["Metadata_Plate"]
+    batch = profiles.normalize_profiles(
+        wells, ["f"], "mad_robustize", scope="batch", batch_column="Metadata_Batch"
+    )
+    np.testing.assert_allclose(batch["f"], per_plate["f"])
+
+
+def test_pooled_scope_fits_on_controls_only_and_allows_a_plate_without_controls():
+    wells = control_wells({"P0": 3, "P1": 0})  # P1: treatment wells only
+    normalized = profiles.normalize_profiles(wells, ["f"], "standardize", scope="pooled")
+    controls = wells.loc[wells["Metadata_pert_type"] == "negcon", "f"]
+    expected = (wells["f"] - controls.mean()) / controls.std(ddof=0)
+    np.testing.assert_allclose(normalized["f"], expected, rtol=1e-9)
+    with pytest.raises(DataError, match="plate P1"):
+        profiles.normalize_profiles(wells, ["f"], "standardize", scope="plate")
+    # auto refuses a plate without controls (most often a misspelt metadata.negcon); pooled warns
+    with pytest.raises(DataError, match=r"P1 \(0\).*normalize_scope: pooled"):
+        profiles.normalization_plan(wells)
+    plan = profiles.normalization_plan(wells, scope="pooled")
+    assert any("P1 (0)" in w for w in plan["warnings"])
+
+
+def test_build_profiles_writes_normalization_json(tmp_path):
+    sites = make_sites(plates=("P0", "P1", "P2"))  # 4 control wells per plate
+    paths = write_plates(sites, tmp_path)
+    out = profiles.build_profiles(paths, tmp_path / "out", feature_select=["drop_na_columns"])
+    plan = json.loads(out["normalization"].read_text())
+    assert plan["scope"] == "pooled" and plan["controls_per_plate"] == {"P0": 4, "P1": 4, "P2": 4}
+    # the written normalized table is the pooled normalization of the written well table
+    wells = pd.read_parquet(out["well"])
+    features = profiles.feature_columns(wells)
+    expected = profiles.normalize_profiles(wells, features, "mad_robustize", scope="pooled")
+    np.testing.assert_allclose(
+        pd.read_parquet(out["normalized"])[features], expected[features], rtol=1e-5, atol=1e-5
+    )
+    out = profiles.build_profiles(
+        paths, tmp_path / "plate", normalize_scope="plate", feature_select=["drop_na_columns"]
+    )
+    plan = json.loads(out["normalization"].read_text())
+    assert plan["scope"] == "plate" and len(plan["warnings"]) == 1
+
+
+def test_wells_are_built_plate_by_plate_as_from_all_sites_at_once(tmp_path):
+    sites = make_sites(plates=("P0", "P1", "P2"), sites_per_well=3)
+    paths = write_plates(sites, tmp_path)
+    wells, features = profiles.well_profiles(paths, correction_alpha=0.7, aggregate="median")
+    all_sites, _ = profiles.read_site_features(paths)
+    expected = profiles.aggregate_wells(profiles.correct_phenotype(all_sites, features, 0.7), features)
+    pd.testing.assert_frame_equal(wells, expected)
+    # the same plate twice (two files) is refused, naming the well
+    duplicate = tmp_path / "again.parquet"
+    sites[sites["Metadata_Plate"] == "P0"].to_parquet(duplicate)
+    with pytest.raises(DataError, match="more than one feature file"):
+        profiles.well_profiles([*paths, duplicate])
+
+
+def test_a_failed_run_leaves_none_of_its_outputs(tmp_path):
+    sites = make_sites(plates=("P0", "P1"))
+    features = profiles.feature_columns(sites)
+    sites[features] = 1.0  # constant: variance_threshold drops every feature after well.parquet is written
+    paths = write_plates(sites, tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="left no"):
+        profiles.build_profiles(
+            paths, out, normalize="none", feature_select=["drop_na_columns", "variance_threshold"]
+        )
+    assert not list(out.glob("*.parquet")) and not (out / "normalization.json").exists()

@@ -58,13 +58,20 @@ wildcard_constraints:
 
 
 def feature_sets():
-    """Feature sets to profile, evaluate and compare in the report, from the config."""
+    """Feature sets to profile, evaluate and compare in the report, from the config: the pipeline's
+    own, then the profile tables brought in under `external:` (bring your own profiles)."""
     sets = ["classic", config["train"]["name"]]
     if config["embed"]["untrained"]:
         sets.append("untrained")
     if config["embed"]["published_weights"]:
         sets.append("published")
-    return sets
+    clash = [name for name in config["external"] if name in sets]
+    if clash:
+        raise WorkflowError(
+            f"config: external profile table name(s) {clash} are already feature sets of the pipeline "
+            f"({sets}); rename them"
+        )
+    return sets + list(config["external"])
 
 
 FEATURE_SETS = feature_sets()
@@ -113,25 +120,64 @@ def all_targets():
     return targets
 
 
+def profiles_input(wildcards):
+    """The set's per-plate site features, or the external profile table(s) it names."""
+    entry = config["external"].get(wildcards.set)
+    if entry:
+        return {"table": list(entry["paths"])}
+    return {"features": expand(f"{RESULTS}/features/{wildcards.set}/{{plate}}.parquet", plate=PLATES)}
+
+
+def profiles_source_args(wildcards, input):
+    """`--features FILES`, or `--table FILES` + its column mapping, as a list for ``:q``."""
+    entry = config["external"].get(wildcards.set)
+    if entry:
+        from phenoprofiler_core.external import table_arguments
+
+        return ["--table", *input.table] + table_arguments(entry)
+    return ["--features", *input.features]
+
+
+def profiles_batch_arg(wildcards):
+    """--batch-column COLUMN when profiles.batch_column is set, as a list for ``:q``."""
+    column = config["profiles"]["batch_column"]
+    return ["--batch-column", column] if column else []
+
+
 def profiles_correction_alpha(wildcards):
-    """alpha of the phenotype correction for this set: 0 when off or for hand-crafted sets."""
+    """alpha of the phenotype correction for this set: 0 when off, for hand-crafted sets and for
+    external profile tables (they have no sites to correct)."""
     settings = config["profiles"]
+    if wildcards.set in config["external"]:
+        return 0.0
     if settings["correction"] and wildcards.set not in settings["correction_exclude"]:
         return settings["correction_alpha"]
     return 0.0
 
 
+def same_wells_sets():
+    """Sets compared on the wells they all have: the pipeline's own sets, and external well-level
+    tables of the same plates (external.<name>.same_wells, default true)."""
+    external = config["external"]
+    return [
+        s
+        for s in FEATURE_SETS
+        if s not in external
+        or (external[s].get("level", "well") == "well" and external[s].get("same_wells", True))
+    ]
+
+
 def evaluate_same_wells_input(wildcards):
-    """Every set's selected profiles when sets must be compared on the wells they all have."""
-    if config["evaluate"]["same_wells"]:
-        return expand(f"{RESULTS}/profiles/{{s}}/selected.parquet", s=FEATURE_SETS)
+    """Every compared set's selected profiles when sets must be compared on the wells they all have."""
+    if config["evaluate"]["same_wells"] and wildcards.set in same_wells_sets():
+        return expand(f"{RESULTS}/profiles/{{s}}/selected.parquet", s=same_wells_sets())
     return []
 
 
 def evaluate_same_wells_arg(wildcards):
     """CLI arguments as a list (each element is shell-quoted by the rule's ``:q``)."""
-    if config["evaluate"]["same_wells"]:
-        return ["--same-wells-as"] + [f"{RESULTS}/profiles/{s}" for s in FEATURE_SETS]
+    if config["evaluate"]["same_wells"] and wildcards.set in same_wells_sets():
+        return ["--same-wells-as"] + [f"{RESULTS}/profiles/{s}" for s in same_wells_sets()]
     return []
 
 

@@ -11,6 +11,7 @@ rule evaluate:
         activity=f"{RESULTS}/eval/{{set}}/map_activity.parquet",
         consistency=f"{RESULTS}/eval/{{set}}/map_consistency.parquet",
         retrieval=f"{RESULTS}/eval/{{set}}/foe_map_recall.parquet",
+        notes=f"{RESULTS}/eval/{{set}}/notes.json",
     log:
         f"{RESULTS}/logs/evaluate/{{set}}.log",
     benchmark:
@@ -27,6 +28,7 @@ rule evaluate:
         profiles=lambda wildcards: f"{RESULTS}/profiles/{wildcards.set}",
         out=lambda wildcards: f"{RESULTS}/eval/{wildcards.set}",
         same_wells=evaluate_same_wells_arg,
+        level=lambda wildcards: ["--level", config["external"].get(wildcards.set, {}).get("level", "well")],
         null_size=config["evaluate"]["null_size"],
         threshold=config["evaluate"]["threshold"],
         seed=config["seed"],
@@ -35,7 +37,7 @@ rule evaluate:
         same_plate="--same-plate-negcon" if config["evaluate"]["same_plate_negcon"] else "",
         consensus=config["profiles"]["consensus"],
     shell:
-        "phenoprofiler evaluate --profiles {params.profiles:q} --out {params.out:q} {params.same_wells:q} "
+        "phenoprofiler evaluate --profiles {params.profiles:q} --out {params.out:q} {params.level:q} {params.same_wells:q} "
         "--null-size {params.null_size:q} --threshold {params.threshold:q} --seed {params.seed:q} "
         "--foe-percentile {params.foe_percentile:q} --recall-percents {params.recall_percents:q} "
         "{params.same_plate:q} --consensus {params.consensus:q} > {log:q} 2>&1"
@@ -44,6 +46,7 @@ rule evaluate:
 rule evaluate_summary:
     input:
         expand(f"{RESULTS}/eval/{{s}}/{{table}}.parquet", s=FEATURE_SETS, table=EVAL_TABLES),
+        expand(f"{RESULTS}/eval/{{s}}/notes.json", s=FEATURE_SETS),
     output:
         f"{RESULTS}/eval/summary.parquet",
     log:

@@ -1,15 +1,15 @@
 # Per feature set: site features of every plate -> well, normalized, selected and consensus profiles
-# (pycytominer), with the PhenoProfiler phenotype correction on learned embedding sets.
-
-
+# (pycytominer), with the PhenoProfiler phenotype correction on learned embedding sets.  An external
+# profile table (config `external:`) enters at the well (or treatment) step instead of site features.
 rule profiles:
     input:
-        features=expand(f"{RESULTS}/features/{{{{set}}}}/{{plate}}.parquet", plate=PLATES),
+        unpack(profiles_input),
     output:
         well=f"{RESULTS}/profiles/{{set}}/well.parquet",
         normalized=f"{RESULTS}/profiles/{{set}}/normalized.parquet",
         selected=f"{RESULTS}/profiles/{{set}}/selected.parquet",
         consensus=f"{RESULTS}/profiles/{{set}}/consensus.parquet",
+        normalization=f"{RESULTS}/profiles/{{set}}/normalization.json",
     log:
         f"{RESULTS}/logs/profiles/{{set}}.log",
     benchmark:
@@ -23,10 +23,14 @@ rule profiles:
         mem_mb=8000,
         runtime=60,
     params:
+        source=profiles_source_args,
         out=lambda wildcards: f"{RESULTS}/profiles/{wildcards.set}",
         alpha=profiles_correction_alpha,
         aggregate=config["profiles"]["aggregate"],
         normalize=config["profiles"]["normalize"],
+        scope=config["profiles"]["normalize_scope"],
+        batch=profiles_batch_arg,
+        min_controls=config["profiles"]["min_controls_per_plate"],
         mad_epsilon=config["profiles"]["mad_epsilon"],
         spherize_method=config["profiles"]["spherize_method"],
         spherize_epsilon=config["profiles"]["spherize_epsilon"],
@@ -38,8 +42,9 @@ rule profiles:
         outlier_cutoff=config["profiles"]["outlier_cutoff"],
         consensus=config["profiles"]["consensus"],
     shell:
-        "phenoprofiler profiles --features {input.features:q} --out {params.out:q} "
+        "phenoprofiler profiles {params.source:q} --out {params.out:q} "
         "--correction-alpha {params.alpha:q} --aggregate {params.aggregate:q} --normalize {params.normalize:q} "
+        "--normalize-scope {params.scope:q} {params.batch:q} --min-controls-per-plate {params.min_controls:q} "
         "--mad-epsilon {params.mad_epsilon:q} --spherize-method {params.spherize_method:q} "
         "--spherize-epsilon {params.spherize_epsilon:q} --feature-select {params.feature_select:q} "
         "--na-cutoff {params.na_cutoff:q} --corr-threshold {params.corr_threshold:q} --freq-cut {params.freq_cut:q} "
