@@ -15,6 +15,7 @@ from .errors import PhenoProfilerError
 
 # Stage modules that provide sub-commands, in workflow order.
 STAGE_MODULES = (
+    "metadata",
     "manifest",
     "illumination",
     "tiles",

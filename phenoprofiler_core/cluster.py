@@ -128,3 +128,34 @@ def misfits(requests: Iterable[Request], nodes: list[Node]) -> list[str]:
             f"{largest.gpus} GPUs"
         )
     return problems
+
+
+def requests_of_jobs(jobs: Iterable, resources: dict | None = None) -> list[Request]:
+    """The largest request of each rule among Snakemake jobs (``job.rule.name``, ``job.threads``,
+    ``job.resources``), plus, for rules with no job planned yet (they wait for a checkpoint), what the
+    config's ``resources`` section asks for them."""
+    largest: dict[str, Request] = {}
+    for job in jobs:
+        name = job.rule.name
+        res = job.resources
+        gpus = res.get("gpu", 0) or 0
+        if not gpus and res.get("gres"):
+            gpus = gpus_in_gres(str(res.get("gres")))
+        request = Request(
+            rule=name,
+            cpus=int(job.threads),
+            memory_mb=int(res.get("mem_mb", 0) or 0),
+            gpus=int(gpus) if str(gpus).isdigit() else 0,
+            partition=res.get("slurm_partition") or None,
+        )
+        old = largest.get(name)
+        if old is None or (request.cpus, request.memory_mb, request.gpus) > (
+            old.cpus,
+            old.memory_mb,
+            old.gpus,
+        ):
+            largest[name] = request
+    for name, wanted in (resources or {}).items():
+        if name not in largest and isinstance(wanted, dict):
+            largest[name] = Request(rule=name, cpus=int(wanted["threads"]), memory_mb=int(wanted["mem_mb"]))
+    return list(largest.values())

@@ -33,7 +33,10 @@ def _fill_defaults(instance: Any, schema: dict) -> None:
     jsonschema does not fill defaults itself; doing it first means nested sections that are absent
     (``default: {}``) get their own defaults filled as well.
     """
-    if not isinstance(instance, dict) or schema.get("type") not in ("object", None):
+    kind = schema.get("type")
+    if not isinstance(instance, dict) or not (
+        kind in ("object", None) or (isinstance(kind, list) and "object" in kind)
+    ):
         return
     for key, subschema in schema.get("properties", {}).items():
         if key not in instance and "default" in subschema:

@@ -82,6 +82,8 @@ class EmbedConfig:
     compile_min_sites: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_COMPILE_MIN_SITES))
     untrained: bool = True
     published_weights: str | None = None
+    # feature sets from checkpoints of other runs (the workflow turns each into --checkpoint)
+    models: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> EmbedConfig:
@@ -429,6 +431,8 @@ def build_model(
     """(model, training level) for ``kind`` in trained | untrained | published."""
     if kind == "trained":
         model, meta = load_trained(checkpoint)
+        # what the model was trained on (datasets and plates), for the set's record and the report
+        model.provenance = meta.get("provenance") or {"plates": meta.get("plates", [])}
         return model, meta.get("level", "site")
     if kind == "published":
         return published_model(published, in_channels=in_channels or 5), "site"
@@ -545,6 +549,7 @@ def _run(args) -> None:
         in_channels=in_channels,
         seed=seed,
     )
+    trained_on = getattr(model, "provenance", None)
     level = trained_level if cfg.level == "auto" else cfg.level
     table, stats = embed_plate(
         model, args.plate, level=level, tiles_dir=args.tiles_dir, cells_dir=args.cells_dir, cfg=cfg
@@ -558,6 +563,10 @@ def _run(args) -> None:
         process_start=process_start,
         compile_cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR") if stats.compile else None,
     )
+    # which weights made the set, and (for a trained model, from this run or another) what they were
+    # trained on: the report says it beside the set
+    record["weights"] = args.checkpoint or args.published
+    record["trained_on"] = trained_on
     stats_path = args.stats or default_stats_path(args.out)
     io.write_json(record, stats_path)
     log.info(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -95,6 +96,22 @@ def _well_from_row_col(row: str, col: str) -> str:
     return f"{chr(ord('A') + int(row) - 1)}{int(col):02d}"
 
 
+def _image_files(root: Path) -> list[Path]:
+    """Image files below ``root``, sorted, following symlinked folders (plate folders are often links
+    into a shared store; ``Path.rglob`` would skip them) but never visiting a folder twice (link loops)."""
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders.sort()
+        base = Path(folder)
+        found += [base / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(p for p in found if p.is_file())
+
+
 def scan_images(
     root: str | Path, pattern: str, *, plate: str | None = None, layout: str = "pattern"
 ) -> pd.DataFrame:
@@ -110,9 +127,7 @@ def scan_images(
         raise ConfigError(f"config key 'images.root': folder not found: {root}")
     regex = re.compile(pattern)
     rows = []
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
-            continue
+    for path in _image_files(root):
         rel = path.relative_to(root).as_posix()
         match = regex.search(rel)
         if not match:
@@ -366,6 +381,7 @@ def _treatment_names(ids: pd.Series, meta: dict) -> tuple[pd.Series, pd.Series]:
         if col not in table.columns:
             raise DataError(f"{meta['treatments']}: no column '{col}'")
     table = table.drop_duplicates(id_col).set_index(id_col)
+    _check_treatment_join(ids, table, meta)
     if name_col:
         mapped = ids.map(table[name_col])
         names = mapped.where(mapped.notna() & (mapped != ""), ids)
@@ -374,6 +390,34 @@ def _treatment_names(ids: pd.Series, meta: dict) -> tuple[pd.Series, pd.Series]:
     moa = ids.map(table[moa_col]).fillna("")
     moa = moa.map(lambda s: "|".join(sorted({x.strip() for x in s.split(sep) if x.strip()})))
     return names, moa
+
+
+def _check_treatment_join(ids: pd.Series, table: pd.DataFrame, meta: dict) -> None:
+    """A treatments table that matches no treatment id is a wrong key column, not missing annotations
+    (e.g. a MoA table keyed by 13-character compound ids given for '<compound>@<dose>' treatments): stop,
+    naming both key columns with example values.  A partial match is logged with its counts."""
+    controls = set(meta.get("negcon") or []) | set(meta.get("poscon") or []) | {meta.get("empty_treatment")}
+    treatments = pd.Series(ids.unique())
+    # controls often have no row in a MoA table (DMSO): the check is on the treatments proper
+    treatments = treatments[(treatments != "") & ~treatments.isin(controls)]
+    if treatments.empty:
+        return
+    matched = treatments.isin(table.index)
+    if not matched.any():
+        raise DataError(
+            f"config key 'metadata.treatments': no treatment id of the plate maps ({meta['treatment_column']!r}, "
+            f"e.g. {treatments.head(3).tolist()}) is in column {meta['treatment_id_column']!r} of "
+            f"{meta['treatments']} (e.g. {table.index[:3].tolist()}); check metadata.treatment_id_column, or "
+            "build the tables with metadata.index (config/README.md)"
+        )
+    if not matched.all():
+        log.info(
+            "treatments table %s: %d of %d treatment ids found (e.g. not found: %s)",
+            meta["treatments"],
+            int(matched.sum()),
+            len(treatments),
+            treatments[~matched].head(3).tolist(),
+        )
 
 
 def _examples(frame: pd.DataFrame, columns: dict[str, str]) -> list[dict]:
@@ -658,6 +702,10 @@ def channels_of(manifest: pd.DataFrame) -> list[str]:
 
 def _run(args: argparse.Namespace) -> None:
     config = load_config(args.configfile)
+    if args.wells or args.treatments:
+        from .metadata import built_tables_section
+
+        config["metadata"] = built_tables_section(config["metadata"], args.wells, args.treatments)
     manifest, summary = assemble_manifest(config)
     check_image_files(manifest, header_check_max=config["images"]["header_check_max"])
     if args.summary:
@@ -681,5 +729,9 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output manifest.parquet")
     parser.add_argument(
         "--summary", default=None, help="output manifest.summary.json (counts, dropped wells, warnings)"
+    )
+    parser.add_argument("--wells", default=None, help="wells table built by 'phenoprofiler metadata'")
+    parser.add_argument(
+        "--treatments", default=None, help="treatments table built by 'phenoprofiler metadata'"
     )
     parser.set_defaults(func=_run)

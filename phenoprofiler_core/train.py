@@ -31,6 +31,7 @@ This module runs the two stages and the CLI; the parts live beside it: :mod:`.tr
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ from .train_data import (
     load_training_data,
     normalise_keys,
     open_images,
+    plate_file,
     read_targets,
 )
 from .train_loader import (
@@ -146,12 +148,16 @@ def train_model(
     resume: bool = True,
     stop_after_epochs: int | None = None,
     cores: int | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Run both stages; return the paths of stage1.pt, stage2.pt and history.csv.
 
     ``cores``: CPU cores this process may use (the CLI passes its share of ``--threads``); None =
     the cores it may run on.  DataLoader workers never exceed what compute leaves of them
     (:func:`.train_loader.loader_workers`).
+
+    ``provenance``: what the model is trained on (e.g. ``{"datasets": {name: [plates]}}``), stored in the
+    checkpoints so embeddings made with them, in this run or another, can say it.
 
     ``stop_after_epochs`` ends the process-wide run (raising :class:`TrainingInterrupted`) after that
     many epochs have been *completed in this call*, right after their state was saved, i.e. exactly
@@ -169,9 +175,7 @@ def train_model(
     world = launched_world()[1]
     if world > 1:
         check_batch_size(cfg.batch_size, world, source="WORLD_SIZE set by torchrun")
-    target_table = read_targets(
-        plates, targets=cfg.targets, targets_dir=str(targets_dir) if targets_dir else None
-    )
+    target_table = read_targets(plates, targets=cfg.targets, targets_dir=targets_dir or None)
     data = load_training_data(images_dir, plates, target_table, cfg, seed)
     ctx, device = init_distributed(cfg.distributed, pick_device(cfg.device))
     batches = None
@@ -181,6 +185,7 @@ def train_model(
         run = _TrainingRun.create(
             data, ctx, device, Path(out_dir), plates, model_cfg, cfg, seed, stop_after_epochs, batches
         )
+        run.provenance = dict(provenance or {"plates": plates})
         return _train_stages(run, resume)
     finally:
         if batches is not None:  # stop the workers now, even when training was stopped
@@ -224,6 +229,7 @@ class _TrainingRun:
     drop_last: bool
     stop_after_epochs: int | None
     epochs_done_here: int = 0
+    provenance: dict[str, Any] | None = None
 
     @classmethod
     def create(cls, data, ctx, device, out_dir, plates, model_cfg, cfg, seed, stop_after_epochs, batches):
@@ -368,6 +374,7 @@ def _stage_checkpoint(run: _TrainingRun, stage: int, progress: StageProgress) ->
         "history": progress.history,
         "seed": run.seed,
         "plates": run.plates,
+        "provenance": run.provenance,
     }
     return checkpoint_payload(run.data, run.model_cfg, run.cfg, stage, progress.best_state, extra)
 
@@ -431,14 +438,14 @@ def _run(args) -> None:
         torch.set_num_threads(cores)
     level = TrainConfig.from_dict(train_options).level
     if level == "auto":  # cell crops when they exist for every plate, else site tiles
-        have_cells = args.cells_dir is not None and all(
-            (Path(args.cells_dir) / f"{plate}.npy").is_file() for plate in args.plates
+        have_cells = bool(args.cells_dir) and all(
+            plate_file(args.cells_dir, plate, ".npy").is_file() for plate in args.plates
         )
         level = "cell" if have_cells else "site"
         train_options["level"] = level
         log.info("train.level auto -> %s", level)
     images_dir = args.cells_dir if level == "cell" else args.tiles_dir
-    if images_dir is None:
+    if not images_dir:
         raise ConfigError(f"train.level: {level} needs --{'cells' if level == 'cell' else 'tiles'}-dir")
     targets_dir = None if train_options.get("targets") else args.targets_dir
     paths = train_model(
@@ -451,6 +458,7 @@ def _run(args) -> None:
         seed=seed,
         resume=not args.no_resume,
         cores=cores,
+        provenance=json.loads(args.provenance) if args.provenance else None,
     )
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
 
@@ -459,11 +467,27 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="stepwise training of the PhenoProfiler model", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("--tiles-dir", help="folder with <plate>.npy + <plate>.sites.parquet (train.level: site)")
-    p.add_argument("--cells-dir", help="folder with <plate>.npy + <plate>.cells.parquet (train.level: cell)")
+    p.add_argument(
+        "--tiles-dir",
+        action="append",
+        help="folder with <plate>.npy + <plate>.sites.parquet (train.level: site); repeat it for the "
+        "folders of several datasets (each plate is looked up in the one folder that has it)",
+    )
+    p.add_argument(
+        "--cells-dir",
+        action="append",
+        help="folder with <plate>.npy + <plate>.cells.parquet (train.level: cell); repeatable",
+    )
     p.add_argument("--plates", nargs="+", required=True, help="plates to train and validate on")
     p.add_argument(
-        "--targets-dir", help="folder with per-plate target tables <plate>.parquet (e.g. features/classic)"
+        "--targets-dir",
+        action="append",
+        help="folder with per-plate target tables <plate>.parquet (e.g. features/classic); repeatable",
+    )
+    p.add_argument(
+        "--provenance",
+        help="JSON saying what the model is trained on (stored in the checkpoints), e.g. "
+        '\'{"datasets": {"bbbc022": ["20585"]}}\'',
     )
     p.add_argument("--targets", help="one per-site target table (parquet/csv); overrides train.targets")
     p.add_argument("--configfile", help="dataset config YAML (its model, train and seed sections are used)")

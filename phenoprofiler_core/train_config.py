@@ -24,6 +24,8 @@ class TrainConfig:
     """Options of the ``train`` config section (see the schema for descriptions)."""
 
     name: str = "phenoprofiler"
+    # configs of the datasets trained on (the workflow resolves them into --tiles-dir/--plates)
+    datasets: list[str] = field(default_factory=list)
     level: str = "auto"
     targets: str | None = None
     split: str = "plate"

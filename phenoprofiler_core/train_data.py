@@ -38,11 +38,27 @@ def image_to_float(array: np.ndarray) -> np.ndarray:
     raise DataError(f"image array of unsupported dtype {array.dtype}; expected float16/32, uint8 or uint16")
 
 
-def open_images(images_dir: str | Path, plate: str, level: str) -> tuple[np.ndarray, pd.DataFrame]:
+Folders = str | Path | Sequence[str | Path]
+
+
+def plate_file(folders: Folders, plate: str, suffix: str) -> Path:
+    """``<folder>/<plate><suffix>`` in the one folder that has it (training datasets each bring their own
+    tiles/targets folders); the first folder's path when none has it (so the error names a path); an
+    error when several have it (plate names must be unique across the datasets trained on)."""
+    folders = [Path(folders)] if isinstance(folders, (str, Path)) else [Path(f) for f in folders]
+    found = [f / f"{plate}{suffix}" for f in folders if (f / f"{plate}{suffix}").is_file()]
+    if len(found) > 1:
+        raise DataError(
+            f"plate {plate} is in more than one folder trained on: {[str(p) for p in found]}; plate names "
+            "must be unique across train.datasets"
+        )
+    return found[0] if found else folders[0] / f"{plate}{suffix}"
+
+
+def open_images(images_dir: Folders, plate: str, level: str) -> tuple[np.ndarray, pd.DataFrame]:
     """Memory-map ``<dir>/<plate>.npy`` and read its index table (sites or cells)."""
-    images_dir = Path(images_dir)
-    array_path = images_dir / f"{plate}.npy"
-    table_path = images_dir / f"{plate}.{'sites' if level == 'site' else 'cells'}.parquet"
+    array_path = plate_file(images_dir, plate, ".npy")
+    table_path = array_path.with_name(f"{plate}.{'sites' if level == 'site' else 'cells'}.parquet")
     for p in (array_path, table_path):
         if not p.is_file():
             raise DataError(f"missing {level} input for plate {plate}: {p}")
@@ -71,7 +87,7 @@ _normalise_keys = normalise_keys  # the earlier private name, still imported by 
 
 
 def _read_target_files(
-    plates: Sequence[str], targets: str | None, targets_dir: str | None
+    plates: Sequence[str], targets: str | None, targets_dir: Folders | None
 ) -> tuple[pd.DataFrame, str]:
     """The raw target table and where it came from (for error messages)."""
     if targets:
@@ -85,7 +101,7 @@ def _read_target_files(
     if targets_dir:
         frames = []
         for plate in plates:
-            path = Path(targets_dir) / f"{plate}.parquet"
+            path = plate_file(targets_dir, plate, ".parquet")
             if not path.is_file():
                 raise DataError(f"regression targets for plate {plate} not found: {path}")
             frames.append(pd.read_parquet(path))
@@ -94,7 +110,7 @@ def _read_target_files(
 
 
 def read_targets(
-    plates: Sequence[str], *, targets: str | None = None, targets_dir: str | None = None
+    plates: Sequence[str], *, targets: str | None = None, targets_dir: Folders | None = None
 ) -> pd.DataFrame:
     """Per-site regression targets: one table (``train.targets``) or ``<targets_dir>/<plate>.parquet``."""
     table, sources = _read_target_files(plates, targets, targets_dir)

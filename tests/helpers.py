@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from pathlib import Path
 
@@ -99,3 +100,44 @@ def write_platemap(folder: Path, plate: str, wells: dict[str, str], map_name="MA
         "treatment_column": "broad_sample",
         "negcon": ["DMSO"],
     }
+
+
+@contextlib.contextmanager
+def loopback_s3(bucket: str = "cellpainting-gallery"):
+    """A moto S3 server on 127.0.0.1 (a free port) with one public-read bucket, like the Gallery:
+    yields (endpoint URL, boto3 client allowed to upload).  Nothing leaves the machine."""
+    import logging
+    import os
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")  # moto wants some credentials for uploads
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log lines in test output
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        client.create_bucket(Bucket=bucket, ACL="public-read")  # anonymous reads, as on the Gallery
+        yield endpoint, client
+    finally:
+        server.stop()
+
+
+def upload_tree(client, folder: Path, prefix: str, bucket: str = "cellpainting-gallery") -> list[str]:
+    """Upload every file below ``folder`` under ``prefix`` (public-read); returns the keys."""
+    keys = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        key = prefix + path.relative_to(folder).as_posix()
+        client.upload_file(str(path), bucket, key, ExtraArgs={"ACL": "public-read"})
+        keys.append(key)
+    return keys

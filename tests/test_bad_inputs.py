@@ -170,13 +170,30 @@ def test_plate_without_negative_controls(capsys, tmp_path):
 def test_treatment_without_moa_is_kept_and_reported(capsys, dataset, caplog):
     tmp_path, configfile, config = dataset
     table = tmp_path / "treatments.csv"
-    table.write_text("broad_sample,pert_iname,moa\nother,x,some MoA\n")  # 'cpd' has no MoA row
+    # 'cpd' has a row but no MoA label: kept, reported, left out of the MoA metrics
+    table.write_text("broad_sample,pert_iname,moa\ncpd,cpd,\nother,x,some MoA\n")
     config["metadata"].update({"treatments": str(table), "treatment_name_column": "pert_iname"})
     configfile.write_text(yaml.safe_dump(config))
     with caplog.at_level(logging.WARNING):
         manifest = pd.read_parquet(manifest_of(capsys, tmp_path, configfile))
     assert set(manifest.loc[manifest.Metadata_Treatment == "cpd", "Metadata_moa"]) == {""}
     assert "no MoA annotation" in caplog.text and "cpd" in caplog.text
+
+
+def test_treatments_table_matching_no_treatment_stops_naming_both_keys(capsys, dataset):
+    """A MoA table keyed otherwise than the plate maps (BBBC022's 13-character ids against
+    '<compound>@<dose>' labels) used to give 0 matches, a warning, and a run dying at evaluate."""
+    tmp_path, configfile, config = dataset
+    table = tmp_path / "treatments.csv"
+    table.write_text("Var1,Metadata_moa.x\nBRD-K98763141,some MoA\n")
+    config["metadata"].update(
+        {"treatments": str(table), "treatment_id_column": "Var1", "moa_column": "Metadata_moa.x"}
+    )
+    configfile.write_text(yaml.safe_dump(config))
+    code, err = run(capsys, "manifest", "--configfile", configfile, "--out", tmp_path / "m.parquet")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "'broad_sample'" in err and "'Var1'" in err and "BRD-K98763141" in err and "cpd" in err
+    assert not (tmp_path / "m.parquet").exists()
 
 
 def test_unreadable_manifest(capsys, tmp_path):

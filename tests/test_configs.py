@@ -84,13 +84,16 @@ def test_config_plans_without_images(path, tmp_path):
     config = load_config(path)
     jobs = _plan(path, tmp_path)
     assert jobs, f"{path.name}: empty plan"
+    datasets = 1 + len(config["train"]["datasets"])  # leave-dataset-out also prepares its training datasets
     if config["fetch"]["activate"]:
-        assert jobs.get("fetch") == 1, jobs
+        assert jobs.get("fetch") == datasets, jobs
+        assert jobs.get("manifest") == datasets, jobs
+        if config["metadata"]["index"]:
+            assert jobs.get("metadata") == datasets, jobs  # wells/treatments built from the published index
         if not config["images"]["plates"]:
-            # plates are unknown before the fetch: the plan is the fetch alone
-            assert set(jobs) == {"fetch", "all"}, jobs
+            # plates are found by the manifest (a checkpoint): the plan stops there, the run goes on
+            assert set(jobs) <= {"fetch", "metadata", "manifest", "all"}, jobs
         else:
-            assert jobs.get("manifest") == 1
             assert jobs.get("tiles") == len(config["images"]["plates"]), jobs
     else:
         assert "fetch" not in jobs and jobs.get("manifest") == 1

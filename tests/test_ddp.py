@@ -240,6 +240,9 @@ def test_workflow_launches_torchrun_with_one_gpu_per_process(repo_root, tmp_path
     config = yaml.safe_load((repo_root / "config" / "demo.yaml").read_text())
     config["train"]["distributed"] = {"processes": 2}
     config["results"] = str(tmp_path / "results")
+    # plates listed: the whole DAG is planned at once (else train waits for the manifest checkpoint)
+    config["images"]["plates"] = ["SQ00015198", "SQ00015230", "SQ00015231", "SQ00015232", "SQ00015233"]
+    config["cluster"] = {"gpus": 1}  # one GPU per process, whatever sinfo on this machine says
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
     bin_dir = Path(sys.executable).parent
     result = subprocess.run(

@@ -7,7 +7,6 @@ the internet: every client is pointed at the loopback endpoint.
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from helpers import loopback_s3
 
 from phenoprofiler_core import cli
 from phenoprofiler_core.config import validate_config
@@ -37,23 +37,11 @@ SITE_FILES = [f"r01c01f01p01-ch{c}sk1fk1fl1.png" for c in range(1, 6)]  # well A
 @pytest.fixture(scope="module")
 def s3(repo_root):
     """A moto S3 server on loopback holding the tiny demo copy; yields its endpoint URL."""
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")  # moto wants some credentials for the upload
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log lines in test output
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    import boto3
+    with loopback_s3(BUCKET) as (endpoint, client):
+        yield from _fill_bucket(repo_root, endpoint, client)
 
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    client.create_bucket(Bucket=BUCKET, ACL="public-read")  # like the Gallery: anonymous reads
+
+def _fill_bucket(repo_root, endpoint, client):
     demo = repo_root / "resources" / "demo"
     for plate in PLATES:
         for name in SITE_FILES:
@@ -72,7 +60,6 @@ def s3(repo_root):
     for name in ("barcode_platemap_rows.csv", "C-7161-01-LM6-014.txt"):
         client.upload_file(str(demo / "metadata" / name), BUCKET, f"{META_PREFIX}{name}", ExtraArgs=PUBLIC)
     yield endpoint
-    server.stop()
 
 
 def _config(repo_root: Path, tmp: Path, endpoint: str, **fetch_extra) -> dict:
@@ -247,7 +234,7 @@ def test_workflow_plans_fetch_before_manifest(repo_root, tmp_path, s3):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     jobs = result.stdout + result.stderr
-    assert "rule fetch:" in jobs and "rule manifest:" in jobs
+    assert "rule fetch:" in jobs and "checkpoint manifest:" in jobs  # the manifest finds the plates
 
 
 def test_list_browses_one_level(s3, capsys):

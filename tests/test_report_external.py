@@ -55,10 +55,12 @@ def test_external_sets_are_named_in_the_dataset_section(page):
     table = page["summary"].split("<h3>Feature sets</h3>")[1]
     # 20 wells in normalized.parquet; 5 treatments in the consensus table; – where not written
     assert re.search(
-        rf"<td>{WELL_LEVEL}</td><td>[^<]*</td><td class=\"num\">20</td><td class=\"na\">–</td>", table
+        rf"<td>{WELL_LEVEL}</td><td>[^<]*</td><td[^>]*>–</td><td class=\"num\">20</td><td class=\"na\">–</td>",
+        table,
     )
     assert re.search(
-        rf"<td>{TREATMENT_LEVEL}</td><td>[^<]*</td><td class=\"na\">–</td><td class=\"num\">5</td>", table
+        rf"<td>{TREATMENT_LEVEL}</td><td>[^<]*</td><td[^>]*>–</td><td class=\"na\">–</td><td class=\"num\">5</td>",
+        table,
     )
 
 

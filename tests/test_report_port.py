@@ -58,9 +58,10 @@ def _with_intended_changes(before: list[dict]) -> list[dict]:
     # item 6 (external sets): where each set's profiles come from; the fixture has 2 per-plate
     # feature files per set, 20 wells in normalized.parquet and no consensus.parquet.
     expected["summary"]["subheadings"].append("Feature sets")
+    # issue 13.3: and what each set was trained on (the fixture's sets have no embed job records: "–")
     expected["summary"]["tables"].append(
-        [["feature set", "profiles from", "well profiles", "treatment profiles"]]
-        + [[name, "per-site features, 2 plate file(s)", "20", "–"] for name in SETS]
+        [["feature set", "profiles from", "trained on", "well profiles", "treatment profiles"]]
+        + [[name, "per-site features, 2 plate file(s)", "–", "20", "–"] for name in SETS]
     )
     return list(expected.values())
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from helpers import loopback_s3, upload_tree
 
 from phenoprofiler_core import cli
 from phenoprofiler_core.config import load_config, validate_config
@@ -395,25 +396,11 @@ def test_fetch_error_names_every_source(tmp_path, capsys):
 def gallery(tmp_path_factory):
     """A moto S3 server on loopback holding the tree under cpg0019's embeddings prefix."""
     pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
-    import boto3
-
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket="cellpainting-gallery", ACL="public-read")
+    pytest.importorskip("moto.server")
     prefix = "cpg0019-moshkov-deepprofiler/broad/workspace_dl/embeddings/105281_zenodo7114558/BBBC022/"
-    tree = write_tree(tmp_path_factory.mktemp("tree"))
-    for path in sorted(tree.rglob("*.npz")):
-        key = prefix + path.relative_to(tree).as_posix()
-        client.upload_file(str(path), "cellpainting-gallery", key, ExtraArgs={"ACL": "public-read"})
-    yield endpoint, f"s3://cellpainting-gallery/{prefix}"
-    server.stop()
+    with loopback_s3() as (endpoint, client):
+        upload_tree(client, write_tree(tmp_path_factory.mktemp("tree")), prefix)
+        yield endpoint, f"s3://cellpainting-gallery/{prefix}"
 
 
 def test_fetch_from_s3_mirrors_only_the_plate_then_builds(tmp_path, gallery):
@@ -464,7 +451,7 @@ PLAN_PLATES = {
 }
 
 
-@pytest.mark.parametrize("dataset", ["bbbc022", "cdrp", "taorf", "lincs", "leave_dataset_out"])
+@pytest.mark.parametrize("dataset", ["bbbc022", "cdrp", "taorf", "lincs"])
 def test_benchmark_configs_train_on_the_teacher(repo_root, tmp_path, dataset):
     """`snakemake -n` for the trained model: one targets job per plate feeds train, classic does not."""
     config = load_config(repo_root / "config" / f"{dataset}.yaml")
@@ -484,9 +471,33 @@ def test_benchmark_configs_train_on_the_teacher(repo_root, tmp_path, dataset):
     assert "classic" not in jobs, jobs  # the hand-crafted features are no longer train's input
 
 
+def test_leave_dataset_out_trains_on_the_teachers_of_the_training_datasets_only(repo_root, tmp_path):
+    """The evaluated dataset (TA-ORF) gets no targets job; BBBC022's and CDRP's plates each get one."""
+    cdrp = yaml.safe_load((repo_root / "config" / "cdrp.yaml").read_text())
+    cdrp["images"]["plates"] = PLAN_PLATES["cdrp"]  # found after the fetch in a real run
+    (tmp_path / "cdrp.yaml").write_text(yaml.safe_dump(cdrp))
+    lodo = yaml.safe_load((repo_root / "config" / "leave_dataset_out.yaml").read_text())
+    lodo["train"]["datasets"] = ["config/bbbc022.yaml", str(tmp_path / "cdrp.yaml")]
+    lodo["images"]["plates"] = PLAN_PLATES["taorf"]
+    lodo["results"] = str(tmp_path / "results")
+    (tmp_path / "lodo.yaml").write_text(yaml.safe_dump(lodo))
+    model = tmp_path / "results" / "lodo_taorf" / "model" / lodo["train"]["name"] / "stage1.pt"
+    result = _snakemake(repo_root, "-n", "-p", "--configfile", str(tmp_path / "lodo.yaml"), "--", str(model))
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text[-4000:]
+    jobs = _jobs(text)
+    bbbc022 = load_config(repo_root / "config" / "bbbc022.yaml")["images"]["plates"]
+    assert jobs.get("targets") == len(bbbc022) + 2 and jobs.get("train") == 1, jobs
+    assert "lodo_taorf/targets" not in text and "results/cdrp/targets/24277.parquet" in text
+    assert "--tiles-dir" in text and str(tmp_path / "results" / "bbbc022" / "tiles") in text
+
+
 def test_demo_keeps_the_classic_fallback(repo_root, tmp_path):
     name = load_config(repo_root / "config" / "demo.yaml")["train"]["name"]
     model = tmp_path / "demo" / "model" / name / "stage1.pt"
+    plates = yaml.safe_dump(
+        {"plates": ["SQ00015198", "SQ00015230", "SQ00015231", "SQ00015232", "SQ00015233"]}
+    )
     result = _snakemake(
         repo_root,
         "-n",
@@ -494,6 +505,7 @@ def test_demo_keeps_the_classic_fallback(repo_root, tmp_path):
         "config/demo.yaml",
         "--config",
         f"results={tmp_path}",
+        "images=" + plates.strip(),
         "--",
         str(model),
     )

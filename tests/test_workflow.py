@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -28,24 +27,11 @@ def snakemake(repo_root, *args, check=True):
     return result
 
 
-def checkout_copy(repo_root: Path, dest: Path) -> Path:
-    """A copy of the checkout (what a user's clone holds) at ``dest``."""
-    ignore = shutil.ignore_patterns(
-        ".venv", ".git", "results", ".snakemake", "mutants", "__pycache__", "*.pyc"
-    )
-    shutil.copytree(repo_root, dest, ignore=ignore, symlinks=True)
-    return dest
-
-
 @pytest.fixture(scope="module")
-def demo(repo_root, tmp_path_factory):
-    """The whole demo, run from a checkout and into a results folder whose paths contain spaces
-    (issue 12: "My Data" folders went through unquoted shell commands)."""
-    base = tmp_path_factory.mktemp("space test")
-    checkout = checkout_copy(repo_root, base / "my checkout" / "pheno profiler")
-    results = base / "My Results"
-    snakemake(checkout, "--configfile", "config/demo.yaml", "--config", f"results={results}")
-    return results / "demo"
+def demo(demo_results):
+    """The whole demo, run once per test session (tests/conftest.py: from a checkout and into a results
+    folder whose paths contain spaces -- issue 12: "My Data" folders went through unquoted commands)."""
+    return demo_results
 
 
 def test_demo_ran_from_paths_with_spaces(demo):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -121,6 +122,29 @@ def _rows_in(path: Path) -> int | None:
     return pq.ParquetFile(path).metadata.num_rows if path.is_file() else None
 
 
+def trained_on(results: Path, name: str) -> str:
+    """What made a set, from its embed jobs' records (features/<set>/<plate>.embed.json): the datasets
+    and plates a model was trained on (this run's or another run's checkpoint), random weights, or the
+    published weights; "–" for sets that are not embeddings."""
+    records = sorted((results / "features" / name).glob("*.embed.json"))
+    if not records:
+        return "–"
+    try:
+        record = json.loads(records[0].read_text())
+    except (OSError, ValueError):
+        return "–"
+    kind, source = record.get("kind"), record.get("trained_on") or {}
+    if kind == "untrained":
+        return "nothing (seeded random weights)"
+    if kind == "published":
+        return "the authors' training (published weights)"
+    if source.get("datasets"):
+        return ", ".join(f"{d} ({len(p):,} plates)" for d, p in source["datasets"].items())
+    if source.get("plates"):
+        return f"{len(source['plates']):,} plates of this dataset"
+    return "–"
+
+
 def feature_set_blocks(results: Path, sets: Sequence[str]):
     """Where each set's profiles come from: per-plate features of this run, or an external table."""
     if not sets:
@@ -138,13 +162,17 @@ def feature_set_blocks(results: Path, sets: Sequence[str]):
             {
                 "feature set": name,
                 "profiles from": source,
+                "trained on": trained_on(results, name),
                 "well profiles": _rows_in(results / "profiles" / name / "normalized.parquet"),
                 "treatment profiles": _rows_in(results / "profiles" / name / "consensus.parquet"),
             }
         )
     return [
         Heading("Feature sets"),
-        Table(("feature set", "profiles from", "well profiles", "treatment profiles"), tuple(records)),
+        Table(
+            ("feature set", "profiles from", "trained on", "well profiles", "treatment profiles"),
+            tuple(records),
+        ),
         caption(
             "Rows of ",
             code("profiles/<set>/normalized.parquet"),

@@ -5,33 +5,34 @@ from phenoprofiler_core.cells import nuclei_cli_args
 
 rule cells:
     input:
-        manifest=f"{RESULTS}/manifest.parquet",
+        manifest=f"{DRESULTS}/manifest.parquet",
         illum=illum_input,
     output:
-        crops=f"{RESULTS}/cells/{{plate}}.npy",
-        table=f"{RESULTS}/cells/{{plate}}.cells.parquet",
+        crops=f"{DRESULTS}/cells/{{plate}}.npy",
+        table=f"{DRESULTS}/cells/{{plate}}.cells.parquet",
         # cells.save_masks: the nucleus label image of every site (<well>_s<site>.tiff)
-        masks=(directory(f"{RESULTS}/cells/{{plate}}.masks") if config["cells"]["save_masks"] else []),
+        masks=(directory(f"{DRESULTS}/cells/{{plate}}.masks") if config["cells"]["save_masks"] else []),
     log:
-        f"{RESULTS}/logs/cells/{{plate}}.log",
+        f"{DRESULTS}/logs/cells/{{plate}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/cells/{{plate}}.tsv"
+        f"{DRESULTS}/benchmarks/cells/{{plate}}.tsv"
+    group:
+        plate_group()
     conda:
         "../../envs/cells.yaml"
-    threads: 2
+    threads: threads_of("cells")
     resources:
-        mem_mb=6000,
-        runtime=120,
+        **rule_resources("cells"),
     params:
         illum=illum_arg,
         channels=CHANNELS,
         # a function, so the {plate}/{well}/{site} of locations_pattern are not taken for wildcards
-        nuclei=lambda wildcards: nuclei_cli_args(config["cells"]),
-        box_size=config["cells"]["box_size"],
-        crop_size=config["cells"]["crop_size"],
+        nuclei=lambda wildcards: nuclei_cli_args(dconfig(wildcards)["cells"]),
+        box_size=dparam("cells", "box_size"),
+        crop_size=dparam("cells", "crop_size"),
         # crops get the same robust per-plate-and-channel rescale as the site tiles
-        percentiles=config["tiles"]["percentiles"],
-        seed=config["seed"],
+        percentiles=dparam("tiles", "percentiles"),
+        seed=dparam("seed"),
         masks=lambda wildcards, output: (["--masks", output.masks] if config["cells"]["save_masks"] else []),
     shell:
         "phenoprofiler cells {input.manifest:q} --plate {wildcards.plate:q} "

@@ -1,5 +1,7 @@
-# Config validation and target building.  The config is checked against the JSON schema (with
-# defaults) before any job is planned, so a typo fails at once naming the key.
+# Config validation, the datasets of a run, their plates, what each job asks of the machine or cluster,
+# and the targets of `rule all`.  The config is checked against the JSON schema (with defaults) before
+# any job is planned, so a typo fails at once naming the key.
+import functools
 import json
 import os
 import re
@@ -10,10 +12,14 @@ import yaml
 
 sys.path.insert(0, str(Path(workflow.basedir).parent))  # the core package, also without `pip install`
 
-from phenoprofiler_core.config import exit_on_user_error, validate_config
-from phenoprofiler_core.errors import PhenoProfilerError
-from phenoprofiler_core.fetch import fetch_pending
-from phenoprofiler_core.manifest import list_plates
+from phenoprofiler_core.config import exit_on_user_error, load_config, validate_config
+from phenoprofiler_core.errors import ConfigError, PhenoProfilerError
+from phenoprofiler_core.names import check_name
+from phenoprofiler_core.workflow_checks import (
+    check_plate_folders,
+    check_pretrained_weights,
+    check_training_datasets,
+)
 
 
 def _merged(base, override):
@@ -41,47 +47,253 @@ except PhenoProfilerError as _error:
 config.clear()
 config.update(_validated)
 
-RESULTS = f"{config['results']}/{config['dataset']}"
+DATASET = config["dataset"]
+RESULTS_ROOT = config["results"]
+RESULTS = f"{RESULTS_ROOT}/{DATASET}"  # the evaluated dataset: features, profiles, eval, report
 CHANNELS = list(config["channels"])
-if fetch_pending(config):
-    PLATES = []  # unknown until the images are fetched: `rule all` asks for the fetch alone
-else:
-    try:
-        PLATES = list_plates(config)
-    except PhenoProfilerError as _error:
-        exit_on_user_error(_error)  # one line, exit 2
+
+
+# ----------------------------------------------------------------------------- datasets of the run
+# The evaluated dataset, plus the datasets a model is trained on when train.datasets names their configs
+# (leave-dataset-out: train on BBBC022 + CDRP, evaluate TA-ORF).  Each dataset's image stages (fetch,
+# metadata, manifest, illumination, tiles, cells, classic, targets) run over a {dataset} wildcard with that
+# dataset's own config, under <results>/<dataset>/, so a model trained elsewhere reads the other datasets'
+# own tiles: no links or copies, and a run of config/bbbc022.yaml alone reuses them.
+
+
+def _training_datasets():
+    """Validated configs of train.datasets, their results under this run's results root."""
+    found = {}
+    for path in config["train"]["datasets"]:
+        other = load_config(path)
+        other["results"] = RESULTS_ROOT
+        found[other["dataset"]] = other
+    check_training_datasets(config, found)
+    return found
+
+
+try:
+    DATASETS = {DATASET: config, **_training_datasets()}
+    TRAIN_DATASETS = [d for d in DATASETS if d != DATASET] or [DATASET]
+    if config["train"]["name"] in config["embed"]["models"]:
+        raise ConfigError(
+            f"config key 'embed.models' repeats the trained set's name '{config['train']['name']}'"
+        )
+except PhenoProfilerError as _error:
+    exit_on_user_error(_error)
+
+DRESULTS = f"{RESULTS_ROOT}/{{dataset}}"  # the image stages of any dataset of the run
 
 
 wildcard_constraints:
+    dataset="|".join(re.escape(name) for name in DATASETS),
     plate="[^/]+",
     set="[^/]+",
 
 
-def feature_sets():
-    """Feature sets to profile, evaluate and compare in the report, from the config: the pipeline's
-    own, then the profile tables brought in under `external:` (bring your own profiles)."""
-    sets = ["classic", config["train"]["name"]]
-    if config["embed"]["untrained"]:
-        sets.append("untrained")
-    if config["embed"]["published_weights"]:
-        sets.append("published")
-    clash = [name for name in config["external"] if name in sets]
-    if clash:
-        raise WorkflowError(
-            f"config: external profile table name(s) {clash} are already feature sets of the pipeline "
-            f"({sets}); rename them"
+def dconfig(wildcards):
+    """The config of the job's dataset."""
+    return DATASETS[wildcards.dataset]
+
+
+def dparam(*keys):
+    """params function: ``config[keys...]`` of the job's dataset."""
+
+    def value(wildcards):
+        found = DATASETS[wildcards.dataset]
+        for key in keys:
+            found = found[key]
+        return found
+
+    return value
+
+
+# ----------------------------------------------------------------------------- plates
+# Plates are listed in images.plates, or found by the manifest step (a checkpoint): the image folder is
+# scanned once per run, by that one job, never at every Snakemake start or in every cluster job.
+
+
+@functools.lru_cache(maxsize=None)
+def _plates_in(manifest, mtime):
+    import pandas as pd
+
+    return sorted(pd.read_parquet(manifest, columns=["Metadata_Plate"])["Metadata_Plate"].unique())
+
+
+def plates(dataset=DATASET):
+    """Plates of a dataset: images.plates, else those the manifest found (waits for the checkpoint)."""
+    listed = DATASETS[dataset]["images"]["plates"]
+    if listed:
+        return list(listed)
+    manifest = checkpoints.manifest.get(dataset=dataset).output.manifest
+    return _plates_in(manifest, os.stat(manifest).st_mtime_ns)
+
+
+def per_plate(pattern, dataset=DATASET):
+    """``pattern`` (with {plate}) for every plate of a dataset; under <results>/<dataset>/."""
+    return expand(f"{RESULTS_ROOT}/{dataset}/{pattern}", plate=plates(dataset))
+
+
+def write_config_snapshot(dataset=DATASET):
+    """Write a dataset's validated config to <results>/<dataset>/config.yaml (only when it changed).
+
+    CLI steps that need whole config sections (fetch, manifest) read this file; rules pass the
+    relevant sections as params too, so Snakemake reruns a step when *its* sections change.
+    """
+    path = Path(RESULTS_ROOT) / dataset / "config.yaml"
+    text = yaml.safe_dump(DATASETS[dataset], sort_keys=True)
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- resources and cluster
+# What every job asks for comes from the dataset config (`resources.<rule>`: threads, mem_mb, runtime),
+# because it depends on the data (a 60-site demo or a 3,456-site plate), not on the site; the cluster
+# section says how the site wants GPUs and partitions asked for.  Locally, threads are capped by --cores.
+CLUSTER = config["cluster"]
+
+
+def threads_of(rule):
+    return config["resources"][rule]["threads"]
+
+
+@functools.lru_cache(maxsize=None)
+def _cluster_gpus_per_node():
+    from phenoprofiler_core.cluster import cluster_gpus, query_nodes
+
+    nodes = query_nodes()
+    return None if nodes is None else cluster_gpus(nodes)
+
+
+def gpus_per_job():
+    """GPUs a train process or an embed job asks for: cluster.gpus, or for 'auto' 1 where there is a GPU to
+    ask for (a SLURM cluster whose sinfo lists GPU nodes; locally always 1, which only matters with
+    `--resources gpu=N`) and 0 on a CPU-only cluster, where train and embed then run on CPU."""
+    wanted = CLUSTER["gpus"]
+    if wanted != "auto":
+        return int(wanted)
+    executor = workflow.executor_plugin
+    if executor is None or executor.name not in ("slurm", "dryrun") or workflow.remote_exec:
+        return 1
+    gpus = _cluster_gpus_per_node()
+    if gpus is None:  # no sinfo here (a dry run on a laptop)
+        return 1
+    return 1 if gpus > 0 else 0
+
+
+def rule_resources(rule, gpus_times=0):
+    """``resources:`` of a rule: the config's mem_mb and runtime, the site's partition and account, and
+    for train/embed (gpus_times > 0) the GPU request in the form the cluster wants."""
+
+    def gpu(wildcards):
+        return gpus_per_job() * gpus_times if CLUSTER["gpu_request"] == "gpus" else 0
+
+    def partition(wildcards):
+        uses_gpu = gpus_times and gpus_per_job() > 0
+        return (CLUSTER["gpu_partition"] if uses_gpu else None) or CLUSTER["partition"] or ""
+
+    found = {
+        "mem_mb": config["resources"][rule]["mem_mb"],
+        "runtime": config["resources"][rule]["runtime"],
+    }
+    if gpus_times:
+        found["gpu"] = gpu
+        if CLUSTER["gpu_model"]:
+            found["gpu_model"] = lambda wildcards: CLUSTER["gpu_model"] if gpu(wildcards) else ""
+        if CLUSTER["gpu_request"] == "gres":
+            model = f"{CLUSTER['gpu_model']}:" if CLUSTER["gpu_model"] else ""
+            found["gres"] = lambda wildcards: (
+                f"gpu:{model}{gpus_per_job() * gpus_times}" if gpus_per_job() else ""
+            )
+    if CLUSTER["partition"] or (gpus_times and CLUSTER["gpu_partition"]):
+        found["slurm_partition"] = partition
+    if CLUSTER["account"]:
+        found["slurm_account"] = CLUSTER["account"]
+    return found
+
+
+def cluster_rules():
+    """Rules this config runs as cluster jobs (for the fit check of jobs a checkpoint has not planned yet)."""
+    configs = list(DATASETS.values())
+    rules = [
+        "manifest",
+        "tiles",
+        "classic",
+        "train",
+        "embed",
+        "profiles",
+        "evaluate",
+        "evaluate_summary",
+        "report",
+    ]
+    for rule, on in (
+        ("fetch", any(c["fetch"]["activate"] for c in configs)),
+        ("metadata", any(c["metadata"]["index"] for c in configs)),
+        ("illumination", any(c["illumination"]["activate"] for c in configs)),
+        ("cells", config["cells"]["activate"]),
+        ("targets", any(c["targets"]["activate"] for c in configs)),
+    ):
+        if on:
+            rules.append(rule)
+    return [rule for rule in rules if not is_local(rule)]
+
+
+def is_local(rule):
+    """True for tiny steps that run on the submit host instead of as a cluster job (cluster.local_rules)."""
+    return rule in CLUSTER["local_rules"]
+
+
+def plate_group():
+    """Group name of the per-plate image chain (one cluster job per plate with cluster.group_plates)."""
+    return "plate_chain" if CLUSTER["group_plates"] else None
+
+
+def preflight():
+    """Checks before the first job of a real run (not a dry run): listed plates have folders, pretrained
+    weights are available, and on SLURM every request fits a node.  One line per problem, exit 2."""
+    try:
+        for _cfg in DATASETS.values():
+            if not _cfg["fetch"]["activate"]:
+                check_plate_folders(_cfg)
+        check_pretrained_weights(config["model"])
+    except PhenoProfilerError as error:
+        exit_on_user_error(error)
+    executor = workflow.executor_plugin
+    if executor is None or executor.name != "slurm" or not CLUSTER["check_fit"]:
+        return
+    from phenoprofiler_core.cluster import misfits, query_nodes, requests_of_jobs
+
+    nodes = query_nodes()
+    if nodes is None:
+        print("phenoprofiler: warning: sinfo is not available; requests not checked against the nodes")
+        return
+    jobs = [job for job in workflow.dag.needrun_jobs() if not job.is_local]
+    planned = {name: config["resources"][name] for name in cluster_rules()}
+    problems = misfits(requests_of_jobs(jobs, planned), nodes)
+    if problems:
+        hint = (
+            "set resources.<rule> (threads, mem_mb) in the config to what your nodes have, or "
+            "cluster.partition / cluster.gpu_partition (config/README.md, 'resources')"
         )
-    return sets + list(config["external"])
+        for line in [*problems, hint]:
+            print(f"phenoprofiler: error: {line}", file=sys.stderr)
+        raise SystemExit(2)
 
 
-FEATURE_SETS = feature_sets()
-EVAL_TABLES = ["map_activity", "map_consistency", "foe_map_recall"]
+onstart:
+    # A job that fits no node pends forever on SLURM (reason PartitionConfig) while Snakemake waits.
+    preflight()
+
+
+# ----------------------------------------------------------------------------- targets of `rule all`
 
 
 def illum_input(wildcards):
-    """The plate's illumination folder, or nothing when correction is switched off."""
-    if config["illumination"]["activate"]:
-        return f"{RESULTS}/illum/{wildcards.plate}"
+    """The plate's illumination folder, or nothing when correction is switched off for its dataset."""
+    if dconfig(wildcards)["illumination"]["activate"]:
+        return f"{RESULTS_ROOT}/{wildcards.dataset}/illum/{wildcards.plate}"
     return []
 
 
@@ -90,245 +302,32 @@ def illum_arg(wildcards, input):
     return ["--illum", input.illum] if input.illum else []
 
 
-def write_config_snapshot():
-    """Write the validated config to RESULTS/config.yaml (only when it changed) and return its path.
-
-    CLI steps that need whole config sections (manifest, train) read this file; rules pass the
-    relevant sections as params too, so Snakemake reruns a step when *its* sections change.
-    """
-    path = Path(RESULTS) / "config.yaml"
-    text = yaml.safe_dump(config, sort_keys=True)
-    if not path.is_file() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return str(path)
+def fetch_listing(wildcards):
+    """What a dataset's manifest waits for: its fetch listing (written last) when it fetches."""
+    if dconfig(wildcards)["fetch"]["activate"]:
+        return f"{RESULTS_ROOT}/{wildcards.dataset}/fetch/files.tsv"
+    return []
 
 
-def all_targets():
-    """What `rule all` builds, from the config (grows as stages are switched on)."""
-    if fetch_pending(config):
-        return [f"{RESULTS}/fetch/files.tsv"]
+def metadata_tables(wildcards):
+    """The wells/treatments tables the metadata stage builds for a dataset (metadata.index set)."""
+    if dconfig(wildcards)["metadata"]["index"]:
+        return {
+            "wells": f"{RESULTS_ROOT}/{wildcards.dataset}/metadata/wells.csv",
+            "treatments": f"{RESULTS_ROOT}/{wildcards.dataset}/metadata/treatments.csv",
+        }
+    return {}
+
+
+def all_targets(wildcards):
+    """What `rule all` builds, from the config (plates come from the manifest when not listed)."""
     targets = [f"{RESULTS}/manifest.parquet"]
-    targets += expand(f"{RESULTS}/tiles/{{plate}}.npy", plate=PLATES)
+    targets += per_plate("tiles/{plate}.npy")
     if config["illumination"]["activate"]:
-        targets += expand(f"{RESULTS}/illum/{{plate}}", plate=PLATES)
+        targets += per_plate("illum/{plate}")
     if config["cells"]["activate"]:
-        targets += expand(f"{RESULTS}/cells/{{plate}}.npy", plate=PLATES)
-    targets += expand(f"{RESULTS}/features/classic/{{plate}}.parquet", plate=PLATES)
+        targets += per_plate("cells/{plate}.npy")
+    targets += per_plate("features/classic/{plate}.parquet")
     targets.append(f"{RESULTS}/eval/summary.parquet")
     targets.append(f"{RESULTS}/report.html")
     return targets
-
-
-def profiles_input(wildcards):
-    """The set's per-plate site features, or the external profile table(s) it names."""
-    entry = config["external"].get(wildcards.set)
-    if entry:
-        return {"table": list(entry["paths"])}
-    return {"features": expand(f"{RESULTS}/features/{wildcards.set}/{{plate}}.parquet", plate=PLATES)}
-
-
-def profiles_source_args(wildcards, input):
-    """`--features FILES`, or `--table FILES` + its column mapping, as a list for ``:q``."""
-    entry = config["external"].get(wildcards.set)
-    if entry:
-        from phenoprofiler_core.external import table_arguments
-
-        return ["--table", *input.table] + table_arguments(entry)
-    return ["--features", *input.features]
-
-
-def profiles_batch_arg(wildcards):
-    """--batch-column COLUMN when profiles.batch_column is set, as a list for ``:q``."""
-    column = config["profiles"]["batch_column"]
-    return ["--batch-column", column] if column else []
-
-
-def profiles_correction_alpha(wildcards):
-    """alpha of the phenotype correction for this set: 0 when off, for hand-crafted sets and for
-    external profile tables (they have no sites to correct)."""
-    settings = config["profiles"]
-    if wildcards.set in config["external"]:
-        return 0.0
-    if settings["correction"] and wildcards.set not in settings["correction_exclude"]:
-        return settings["correction_alpha"]
-    return 0.0
-
-
-def same_wells_sets():
-    """Sets compared on the wells they all have: the pipeline's own sets, and external well-level
-    tables of the same plates (external.<name>.same_wells, default true)."""
-    external = config["external"]
-    return [
-        s
-        for s in FEATURE_SETS
-        if s not in external
-        or (external[s].get("level", "well") == "well" and external[s].get("same_wells", True))
-    ]
-
-
-def evaluate_same_wells_input(wildcards):
-    """Every compared set's selected profiles when sets must be compared on the wells they all have."""
-    if config["evaluate"]["same_wells"] and wildcards.set in same_wells_sets():
-        return expand(f"{RESULTS}/profiles/{{s}}/selected.parquet", s=same_wells_sets())
-    return []
-
-
-def evaluate_same_wells_arg(wildcards):
-    """CLI arguments as a list (each element is shell-quoted by the rule's ``:q``)."""
-    if config["evaluate"]["same_wells"] and wildcards.set in same_wells_sets():
-        return ["--same-wells-as"] + [f"{RESULTS}/profiles/{s}" for s in same_wells_sets()]
-    return []
-
-
-def report_inputs(wildcards):
-    """What the report summarises; QC inputs are listed so a changed plate re-renders the page."""
-    inputs = {
-        "manifest": f"{RESULTS}/manifest.parquet",
-        "summary": f"{RESULTS}/eval/summary.parquet",
-        "activity": expand(f"{RESULTS}/eval/{{set}}/map_activity.parquet", set=FEATURE_SETS),
-        "profiles": expand(f"{RESULTS}/profiles/{{set}}/normalized.parquet", set=FEATURE_SETS),
-        "tiles": expand(f"{RESULTS}/tiles/{{plate}}.npy", plate=PLATES),
-    }
-    if config["illumination"]["activate"]:
-        inputs["illum"] = expand(f"{RESULTS}/illum/{{plate}}", plate=PLATES)
-    if "classic" in FEATURE_SETS:
-        inputs["counts"] = expand(f"{RESULTS}/features/classic/{{plate}}.parquet", plate=PLATES)
-    return inputs
-
-
-# ----------------------------------------------------------------------------- model rules
-
-MODEL_NAME = config["train"]["name"]
-# Site tiles, or single-cell crops paired with their site's regression target (train.level: cell, or
-# auto with cells.activate).  Resolved here so the CLI gets the same answer as the rule's inputs.
-TRAIN_LEVEL = config["train"]["level"]
-if TRAIN_LEVEL == "auto":
-    TRAIN_LEVEL = "cell" if config["cells"]["activate"] else "site"
-TRAIN_IMAGES = "cells" if TRAIN_LEVEL == "cell" else "tiles"
-TRAIN_INDEX = "cells" if TRAIN_LEVEL == "cell" else "sites"
-
-
-def _sections(*names):
-    sections = {name: config[name] for name in names}
-    if "train" in sections:
-        sections["train"] = {**sections["train"], "level": TRAIN_LEVEL}
-    return json.dumps(sections, sort_keys=True)
-
-
-def train_targets(wildcards):
-    """What train regresses onto: the one table of train.targets; the teacher's per-site embedding
-    medians targets/<plate>.parquet (targets.activate, the paper's target); else the classic features."""
-    if config["train"]["targets"]:
-        return [config["train"]["targets"]]
-    if config["targets"]["activate"]:
-        return expand(f"{RESULTS}/targets/{{plate}}.parquet", plate=PLATES)
-    return expand(f"{RESULTS}/features/classic/{{plate}}.parquet", plate=PLATES)
-
-
-def targets_fetch_args(wildcards):
-    """--source (one per source) and fetch's connection options, as a list for ``:q``; empty = no fetch."""
-    sources = config["targets"]["source"]
-    sources = [sources] if isinstance(sources, str) else list(sources or [])
-    if not sources:
-        return []
-    fetch = config["fetch"]
-    args = [token for source in sources for token in ("--source", source)]
-    args += ["--region", fetch["region"], "--link", fetch["link"]]
-    args += ["--workers", str(fetch["workers"]), "--retries", str(fetch["retries"])]
-    if fetch["endpoint_url"]:
-        args += ["--endpoint-url", fetch["endpoint_url"]]
-    if fetch["local_root"]:
-        args += ["--local-root", fetch["local_root"]]
-    if not fetch["anonymous"]:
-        args.append("--signed")
-    return args
-
-
-def embed_level(kind):
-    """Level a feature set is embedded at: embed.level, or for 'auto' the trained model's level."""
-    level = config["embed"]["level"]
-    if level == "auto":
-        return TRAIN_LEVEL if kind == "trained" else "site"
-    return level
-
-
-def embed_sets():
-    """Feature sets made by the one ``embed`` rule, as name -> kind (trained|untrained|published) and weights.
-
-    A new embedded set is an entry here (from the config), not a new rule.
-    """
-    sets = {MODEL_NAME: {"kind": "trained", "weights": f"{RESULTS}/model/{MODEL_NAME}/stage2.pt"}}
-    if config["embed"]["untrained"]:
-        sets["untrained"] = {"kind": "untrained", "weights": None}
-    if config["embed"]["published_weights"]:
-        sets["published"] = {"kind": "published", "weights": config["embed"]["published_weights"]}
-    return sets
-
-
-EMBED_SETS = embed_sets()
-# the embed rule's {set} wildcard matches exactly these names (never 'classic', made by its own rule)
-EMBED_SET_PATTERN = "|".join(re.escape(name) for name in EMBED_SETS)
-
-
-def embed_inputs(wildcards):
-    """Tiles always (their sites table carries the site metadata); crops at cell level; the weights."""
-    entry = EMBED_SETS[wildcards.set]
-    found = {
-        "tiles": f"{RESULTS}/tiles/{wildcards.plate}.npy",
-        "sites": f"{RESULTS}/tiles/{wildcards.plate}.sites.parquet",
-    }
-    if embed_level(entry["kind"]) == "cell":
-        found["cells"] = f"{RESULTS}/cells/{wildcards.plate}.npy"
-        found["cells_table"] = f"{RESULTS}/cells/{wildcards.plate}.cells.parquet"
-    if entry["weights"]:
-        found["weights"] = entry["weights"]
-    return found
-
-
-def embed_model_args(wildcards, input):
-    """How `phenoprofiler embed` gets the set's model, as a list for ``:q``."""
-    kind = EMBED_SETS[wildcards.set]["kind"]
-    if kind == "trained":
-        return ["--checkpoint", input.weights]
-    if kind == "published":
-        return ["--published", input.weights]
-    return ["--untrained"]
-
-
-def embed_config(wildcards):
-    """Config sections the set's embedding depends on (JSON): the published model is always the
-    paper's architecture, so only its embed section applies."""
-    if EMBED_SETS[wildcards.set]["kind"] == "published":
-        return _sections("embed", "seed")
-    return _sections("model", "embed", "seed")
-
-
-def cells_arg(wildcards, input):
-    """--cells-dir when the rule's inputs include crops (cell-level embedding), as a list for ``:q``."""
-    return ["--cells-dir", os.path.dirname(input.cells)] if "cells" in input.keys() else []
-
-
-def folder_of(name):
-    """params function: the folder of input file ``name`` (the CLI takes folders + plate names)."""
-    return lambda wildcards, input: os.path.dirname(
-        input[name][0] if isinstance(input[name], list) else input[name]
-    )
-
-
-# train.distributed.processes > 1: one process per GPU on one node via torchrun (torch DDP).
-TRAIN_PROCESSES = config["train"]["distributed"]["processes"]
-
-
-def train_launcher():
-    """The command that runs `phenoprofiler train`: directly, or under torchrun for N processes."""
-    if TRAIN_PROCESSES == 1:
-        return ["phenoprofiler"]
-    return [
-        "torchrun",
-        "--standalone",
-        "--nproc_per_node",
-        str(TRAIN_PROCESSES),
-        "-m",
-        "phenoprofiler_core.cli",
-    ]

@@ -20,10 +20,9 @@ rule evaluate:
         set="[^/]+",
     conda:
         "../../envs/profiles.yaml"
-    threads: 1
+    threads: threads_of("evaluate")
     resources:
-        mem_mb=8000,
-        runtime=60,
+        **rule_resources("evaluate"),
     params:
         profiles=lambda wildcards: f"{RESULTS}/profiles/{wildcards.set}",
         out=lambda wildcards: f"{RESULTS}/eval/{wildcards.set}",
@@ -53,12 +52,12 @@ rule evaluate_summary:
         f"{RESULTS}/logs/evaluate/summary.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate/summary.tsv"
+    localrule: is_local("evaluate_summary")
     conda:
         "../../envs/profiles.yaml"
-    threads: 1
+    threads: threads_of("evaluate_summary")
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **rule_resources("evaluate_summary"),
     params:
         # one folder per set, derived from the inputs (eval/<set>/<table>.parquet)
         eval_dirs=lambda wildcards, input: sorted({os.path.dirname(p) for p in input}),

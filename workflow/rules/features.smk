@@ -5,32 +5,33 @@ from phenoprofiler_core.cells import nuclei_cli_args
 
 rule classic:
     input:
-        manifest=f"{RESULTS}/manifest.parquet",
+        manifest=f"{DRESULTS}/manifest.parquet",
         illum=illum_input,
     output:
-        f"{RESULTS}/features/classic/{{plate}}.parquet",
+        f"{DRESULTS}/features/classic/{{plate}}.parquet",
     log:
-        f"{RESULTS}/logs/classic/{{plate}}.log",
+        f"{DRESULTS}/logs/classic/{{plate}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/classic/{{plate}}.tsv"
+        f"{DRESULTS}/benchmarks/classic/{{plate}}.tsv"
+    group:
+        plate_group()
     conda:
         "../../envs/cells.yaml"
-    threads: 2
+    threads: threads_of("classic")
     resources:
-        mem_mb=4000,
-        runtime=240,
+        **rule_resources("classic"),
     params:
         illum=illum_arg,
         channels=CHANNELS,
         # a function, so the {plate}/{well}/{site} of locations_pattern are not taken for wildcards
-        nuclei=lambda wildcards: nuclei_cli_args(config["cells"]),
+        nuclei=lambda wildcards: nuclei_cli_args(dconfig(wildcards)["cells"]),
         # one argument; an empty value tells the CLI to grow cells into the mean of the non-nucleus channels
-        cell_channel=f"--cell-channel={config['classic']['cell_channel'] or ''}",
-        cell_sigma=config["classic"]["cell_sigma"],
-        cell_threshold_factor=config["classic"]["cell_threshold_factor"],
-        max_expansion=config["classic"]["max_expansion"],
-        texture_levels=config["classic"]["texture_levels"],
-        texture_distance=config["classic"]["texture_distance"],
+        cell_channel=lambda wildcards: f"--cell-channel={dconfig(wildcards)['classic']['cell_channel'] or ''}",
+        cell_sigma=dparam("classic", "cell_sigma"),
+        cell_threshold_factor=dparam("classic", "cell_threshold_factor"),
+        max_expansion=dparam("classic", "max_expansion"),
+        texture_levels=dparam("classic", "texture_levels"),
+        texture_distance=dparam("classic", "texture_distance"),
     shell:
         "phenoprofiler classic {input.manifest:q} --plate {wildcards.plate:q} --out {output:q} "
         "{params.illum:q} --channels {params.channels:q} {params.nuclei:q} "

@@ -1,34 +1,29 @@
-# Fetch stage: a dataset's images (and plate maps) from the Cell Painting Gallery, before the manifest.
-# Only active with `fetch.activate: true`; then the manifest depends on the fetch listing (FETCH_LISTING).
-# Plates come from images.plates, so planning needs no images on disk; with no plates listed the first
-# run plans the fetch alone (common.smk: fetch_pending) and the next one finds the plates in the images.
-
-
-# What the manifest waits for (images.smk: `fetched=FETCH_LISTING`): the fetch listing, written last, or
-# nothing when fetching is off (images already on disk).
-FETCH_LISTING = [f"{RESULTS}/fetch/files.tsv"] if config["fetch"]["activate"] else []
+# Fetch stage: a dataset's images and metadata files from the Cell Painting Gallery (or any S3 bucket, or
+# a local mirror), before its manifest.  Only for datasets with `fetch.activate: true`; their manifest
+# waits for the fetch listing, which is written last.  When images.plates is empty the manifest (a
+# checkpoint) finds the plates in the fetched images, in the same run.
 
 
 rule fetch:
     output:
-        f"{RESULTS}/fetch/files.tsv",
+        f"{DRESULTS}/fetch/files.tsv",
     log:
-        f"{RESULTS}/logs/fetch.log",
+        f"{DRESULTS}/logs/fetch.log",
     benchmark:
-        f"{RESULTS}/benchmarks/fetch/fetch.tsv"
+        f"{DRESULTS}/benchmarks/fetch/fetch.tsv"
+    localrule: is_local("fetch")
     conda:
         "../../envs/images.yaml"
-    threads: 1
+    threads: threads_of("fetch")
     resources:
-        mem_mb=2000,
-        runtime=720,
+        **rule_resources("fetch"),
     params:
-        configfile=lambda wildcards: write_config_snapshot(),
+        configfile=lambda wildcards: write_config_snapshot(wildcards.dataset),
         # the sections the download depends on: a change here refetches (already complete files are skipped)
         sections=lambda wildcards: {
-            "fetch": config["fetch"],
-            "root": config["images"]["root"],
-            "plates": config["images"]["plates"],
+            "fetch": dconfig(wildcards)["fetch"],
+            "root": dconfig(wildcards)["images"]["root"],
+            "plates": dconfig(wildcards)["images"]["plates"],
         },
     shell:
         "phenoprofiler fetch --configfile {params.configfile:q} --out {output:q} > {log:q} 2>&1"

@@ -1,55 +1,88 @@
-# Image stage: manifest -> illumination functions -> site tiles at model size.
+# Image stage of every dataset of the run: (metadata tables) -> manifest -> illumination functions ->
+# site tiles at model size.  The manifest is a checkpoint: when images.plates is empty, the plates it
+# finds decide the per-plate jobs of the same run.
 
 
-rule manifest:
+rule metadata:
+    # metadata.index: the dataset's published per-site metadata (DeepProfiler's index.csv for cpg0019),
+    # joined with a shipped MoA table, becomes the wells and treatments tables the manifest reads.
     input:
-        fetched=FETCH_LISTING,
+        fetched=fetch_listing,
     output:
-        manifest=f"{RESULTS}/manifest.parquet",
-        # counts, dropped wells/images and warnings, for the report
-        summary=f"{RESULTS}/manifest.summary.json",
+        wells=f"{DRESULTS}/metadata/wells.csv",
+        treatments=f"{DRESULTS}/metadata/treatments.csv",
     log:
-        f"{RESULTS}/logs/manifest.log",
+        f"{DRESULTS}/logs/metadata.log",
     benchmark:
-        f"{RESULTS}/benchmarks/manifest/manifest.tsv"
+        f"{DRESULTS}/benchmarks/metadata/metadata.tsv"
+    localrule: is_local("metadata")
     conda:
         "../../envs/images.yaml"
-    threads: 1
+    threads: threads_of("metadata")
     resources:
-        mem_mb=2000,
-        runtime=20,
+        **rule_resources("metadata"),
     params:
-        configfile=lambda wildcards: write_config_snapshot(),
-        # the sections the manifest depends on: a change here reruns it (and only then)
-        sections=lambda wildcards: {k: config[k] for k in ("channels", "images", "metadata")},
-        # the manifest checks controls against the normalization scope (plate scope: every plate)
-        control_scope=config["profiles"].get("normalize_scope", "auto"),
+        configfile=lambda wildcards: write_config_snapshot(wildcards.dataset),
+        sections=dparam("metadata"),
     shell:
-        "phenoprofiler manifest --configfile {params.configfile:q} --out {output.manifest:q} "
-        "--summary {output.summary:q} > {log:q} 2>&1"
+        "phenoprofiler metadata --configfile {params.configfile:q} --wells {output.wells:q} "
+        "--treatments {output.treatments:q} > {log:q} 2>&1"
+
+
+checkpoint manifest:
+    input:
+        unpack(metadata_tables),
+        fetched=fetch_listing,
+    output:
+        manifest=f"{DRESULTS}/manifest.parquet",
+        # counts, dropped wells/images and warnings, for the report
+        summary=f"{DRESULTS}/manifest.summary.json",
+    log:
+        f"{DRESULTS}/logs/manifest.log",
+    benchmark:
+        f"{DRESULTS}/benchmarks/manifest/manifest.tsv"
+    localrule: is_local("manifest")
+    conda:
+        "../../envs/images.yaml"
+    threads: threads_of("manifest")
+    resources:
+        **rule_resources("manifest"),
+    params:
+        configfile=lambda wildcards: write_config_snapshot(wildcards.dataset),
+        # the sections the manifest depends on: a change here reruns it (and only then)
+        sections=lambda wildcards: {k: dconfig(wildcards)[k] for k in ("channels", "images", "metadata")},
+        # the manifest checks controls against the normalization scope (plate scope: every plate)
+        control_scope=dparam("profiles", "normalize_scope"),
+        tables=lambda wildcards, input: (
+            ["--wells", input.wells, "--treatments", input.treatments] if "wells" in input.keys() else []
+        ),
+    shell:
+        "phenoprofiler manifest --configfile {params.configfile:q} {params.tables:q} "
+        "--out {output.manifest:q} --summary {output.summary:q} > {log:q} 2>&1"
 
 
 rule illumination:
     input:
-        manifest=f"{RESULTS}/manifest.parquet",
+        manifest=f"{DRESULTS}/manifest.parquet",
     output:
-        directory(f"{RESULTS}/illum/{{plate}}"),
+        directory(f"{DRESULTS}/illum/{{plate}}"),
     log:
-        f"{RESULTS}/logs/illumination/{{plate}}.log",
+        f"{DRESULTS}/logs/illumination/{{plate}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/illumination/{{plate}}.tsv"
+        f"{DRESULTS}/benchmarks/illumination/{{plate}}.tsv"
+    group:
+        plate_group()
     conda:
         "../../envs/images.yaml"
-    threads: 1
+    threads: threads_of("illumination")
     resources:
-        mem_mb=4000,
-        runtime=60,
+        **rule_resources("illumination"),
     params:
-        downsample=config["illumination"]["downsample"],
-        median_size=config["illumination"]["median_size"],
-        robust_quantile=config["illumination"]["robust_quantile"],
-        min_sites=config["illumination"]["min_sites"],
-        max_ratio=config["illumination"]["max_ratio"],
+        downsample=dparam("illumination", "downsample"),
+        median_size=dparam("illumination", "median_size"),
+        robust_quantile=dparam("illumination", "robust_quantile"),
+        min_sites=dparam("illumination", "min_sites"),
+        max_ratio=dparam("illumination", "max_ratio"),
     shell:
         "phenoprofiler illumination {input.manifest:q} --plate {wildcards.plate:q} --out {output:q} "
         "--downsample {params.downsample:q} --median-size {params.median_size:q} "
@@ -59,30 +92,31 @@ rule illumination:
 
 rule tiles:
     input:
-        manifest=f"{RESULTS}/manifest.parquet",
+        manifest=f"{DRESULTS}/manifest.parquet",
         illum=illum_input,
     output:
-        tiles=f"{RESULTS}/tiles/{{plate}}.npy",
-        sites=f"{RESULTS}/tiles/{{plate}}.sites.parquet",
-        rescale=f"{RESULTS}/tiles/{{plate}}.rescale.json",
+        tiles=f"{DRESULTS}/tiles/{{plate}}.npy",
+        sites=f"{DRESULTS}/tiles/{{plate}}.sites.parquet",
+        rescale=f"{DRESULTS}/tiles/{{plate}}.rescale.json",
     log:
-        f"{RESULTS}/logs/tiles/{{plate}}.log",
+        f"{DRESULTS}/logs/tiles/{{plate}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/tiles/{{plate}}.tsv"
+        f"{DRESULTS}/benchmarks/tiles/{{plate}}.tsv"
+    group:
+        plate_group()
     conda:
         "../../envs/images.yaml"
-    # passed on as --threads: that many decode workers, each single-threaded inside (torch, BLAS)
-    threads: 2
+    # passed on as --threads: that many decode workers, each single-threaded inside (torch, BLAS);
+    # measured peak (resident + written-file page cache) ~0.9 GB at 2 threads, flat in the plate size
+    threads: threads_of("tiles")
     resources:
-        # measured peak (resident + written-file page cache) ~0.9 GB at 2 threads, flat in the plate size
-        mem_mb=2000,
-        runtime=120,
+        **rule_resources("tiles"),
     params:
         illum=illum_arg,
-        size=config["tiles"]["size"],
-        dtype=config["tiles"]["dtype"],
-        percentiles=config["tiles"]["percentiles"],
-        batch_size=config["tiles"]["batch_size"],
+        size=dparam("tiles", "size"),
+        dtype=dparam("tiles", "dtype"),
+        percentiles=dparam("tiles", "percentiles"),
+        batch_size=dparam("tiles", "batch_size"),
     shell:
         "phenoprofiler tiles {input.manifest:q} --plate {wildcards.plate:q} --out {output.tiles:q} "
         "{params.illum:q} --size {params.size:q} --dtype {params.dtype:q} "

@@ -5,9 +5,7 @@
 
 rule train:
     input:
-        images=expand(f"{RESULTS}/{TRAIN_IMAGES}/{{plate}}.npy", plate=PLATES),
-        index=expand(f"{RESULTS}/{TRAIN_IMAGES}/{{plate}}.{TRAIN_INDEX}.parquet", plate=PLATES),
-        targets=train_targets,
+        unpack(train_inputs),
     output:
         stage1=f"{RESULTS}/model/{MODEL_NAME}/stage1.pt",
         stage2=f"{RESULTS}/model/{MODEL_NAME}/stage2.pt",
@@ -18,30 +16,26 @@ rule train:
         f"{RESULTS}/benchmarks/train/{MODEL_NAME}.tsv"
     conda:
         "../../envs/model.yaml"
-    # Each training process needs a core for compute (all of its share on CPU) plus one per
-    # DataLoader worker; --threads hands the share to the processes (config/README.md, train).
-    threads: max(8, TRAIN_PROCESSES * (config["train"]["num_workers"] + 1))
+    # Each training process needs a core for compute (all of its share on CPU) plus one per DataLoader
+    # worker; --threads hands the job's cores to the processes (config/README.md, train).
+    threads: threads_of("train")
     resources:
-        mem_mb=32000,
-        runtime=24 * 60,
-        gpu=TRAIN_PROCESSES,
+        **rule_resources("train", gpus_times=TRAIN_PROCESSES),
     params:
         config=_sections("model", "train", "seed"),
-        images_arg=lambda wildcards, input: [f"--{TRAIN_IMAGES}-dir", os.path.dirname(input.images[0])],
-        targets_dir=lambda wildcards, input: os.path.dirname(input.targets[0]),
-        plates=PLATES,
+        sources=train_source_args,
+        provenance=train_provenance,
         out=lambda wildcards, output: os.path.dirname(output.stage1),
         launcher=train_launcher(),
     shell:
         # model/<name>/state/ (per-epoch state) is not an output: a killed job resumes from it.
         # train.distributed.processes > 1: launcher = torchrun, one process per GPU (DDP).
-        "{params.launcher:q} train {params.images_arg:q} --plates {params.plates:q} "
-        "--targets-dir {params.targets_dir:q} --config-json {params.config:q} "
-        "--threads {threads:q} --out {params.out:q} > {log:q} 2>&1"
+        "{params.launcher:q} train {params.sources:q} --config-json {params.config:q} "
+        "--provenance {params.provenance:q} --threads {threads:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule embed:
-    # One rule for every embedded feature set (EMBED_SETS in common.smk): the trained model, the
+    # One rule for every embedded feature set (EMBED_SETS in sets.smk): the trained model, the
     # untrained baseline, the published weights.  A new set is a config entry, not a new rule.
     input:
         unpack(embed_inputs),
@@ -57,11 +51,9 @@ rule embed:
         set=EMBED_SET_PATTERN,
     conda:
         "../../envs/model.yaml"
-    threads: 4
+    threads: threads_of("embed")
     resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=1,
+        **rule_resources("embed", gpus_times=1),
     params:
         model=embed_model_args,
         config=embed_config,

@@ -18,10 +18,9 @@ rule profiles:
         set="[^/]+",
     conda:
         "../../envs/profiles.yaml"
-    threads: 1
+    threads: threads_of("profiles")
     resources:
-        mem_mb=8000,
-        runtime=60,
+        **rule_resources("profiles"),
     params:
         source=profiles_source_args,
         out=lambda wildcards: f"{RESULTS}/profiles/{wildcards.set}",

@@ -19,15 +19,15 @@ rule report:
         f"{RESULTS}/logs/report/report.log",
     benchmark:
         f"{RESULTS}/benchmarks/report/report.tsv"
+    localrule: is_local("report")
     conda:
         "../../envs/report.yaml"
+    threads: threads_of("report")
+    resources:
+        **rule_resources("report"),
     # UMAP with a fixed random_state runs single-threaded (reproducible), so one core is enough.
     # bench/bench_report_scale.py: peak 0.7 GB at BBBC022 size, 0.9 GB and ~3 min at
     # JUMP-compound size (403,200 wells, 100,000 treatments, 4 sets; 2 busy cores).
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
     params:
         results_dir=lambda wildcards, output: os.path.dirname(output[0]),
         sets=FEATURE_SETS,
