@@ -492,7 +492,8 @@ def stats_record(
         "compile_cache_counts": stats.compile_cache_counts,
         "startup_s": round(startup_s, 3),
         "compile_s": round(stats.compile_s, 3),
-        "embed_s": round(stats.embed_s, 3),
+        # microseconds: a small plate embeds in ~10 ms, where ms rounding would skew sites_per_s by 4 %
+        "embed_s": round(stats.embed_s, 6),
         "sites_per_s": round(sites / stats.embed_s, 3) if stats.images else 0.0,
         "images_per_s": round(stats.images / stats.embed_s, 3) if stats.images else 0.0,
         "total_s": round(time.monotonic() - process_start, 3),

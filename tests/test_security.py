@@ -257,7 +257,8 @@ def test_unsafe_config_names_fail_validation_naming_the_key(key, value):
 @pytest.mark.slow
 def test_injected_plate_folder_never_runs(tmp_path):
     """The real injection case: a plate folder named P1$(touch INJECTED) with its plate-map row.
-    `snakemake --until illumination` stops while planning with one line, and nothing is executed."""
+    The whole workflow is asked for; the manifest job (the one place that scans the folder) stops with
+    one line naming the folder, no other job starts, and nothing is executed."""
     plate = "P1$(touch INJECTED)"
     configfile = _dataset(tmp_path, plate)
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
@@ -270,8 +271,6 @@ def test_injected_plate_folder_never_runs(tmp_path):
             "1",
             "--configfile",
             str(configfile),
-            "--until",
-            "illumination",
         ],
         cwd=tmp_path,
         env=env,
@@ -279,10 +278,16 @@ def test_injected_plate_folder_never_runs(tmp_path):
         text=True,
         timeout=300,
     )
-    err = result.stderr.strip()
-    assert result.returncode == 2, err
-    assert "\n" not in err and "Traceback" not in err, err
-    assert err.startswith("phenoprofiler: error: unsafe plate name 'P1$(touch INJECTED)'"), err
+    err = result.stderr
+    assert result.returncode != 0, err
+    log = (tmp_path / "results" / "names" / "logs" / "manifest.log").read_text()
+    line = f"phenoprofiler: error: unsafe plate name 'P1$(touch INJECTED)' from folder '{tmp_path / 'img' / plate}'"
+    assert log.strip().startswith(line), log
+    assert "Traceback" not in log, log
+    assert line in err, err  # Snakemake shows the failed job's log
     for folder in (tmp_path, REPO, Path.cwd()):
         assert not list(folder.rglob("INJECTED")), folder
-    assert not (tmp_path / "results" / "names" / "manifest.parquet").exists()
+    results = tmp_path / "results" / "names"
+    assert not (results / "manifest.parquet").exists()
+    assert sorted(p.name for p in results.iterdir()) == ["logs"], list(results.iterdir())
+    assert sorted(p.name for p in (results / "logs").iterdir()) == ["manifest.log"]

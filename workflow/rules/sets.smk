@@ -68,8 +68,10 @@ def profiles_source_args(wildcards, input):
     if entry:
         from phenoprofiler_core.external import table_arguments
 
-        return ["--table", *input.table] + table_arguments(entry)
-    return ["--features", *input.features]
+        return ["--table", *input.get("table", [])] + table_arguments(entry)
+    # Before the manifest checkpoint has run (a profiles file asked for directly), the job's inputs are
+    # still the checkpoint's; Snakemake re-plans the job, and these params, once the plates are known.
+    return ["--features", *input.get("features", [])]
 
 
 def profiles_batch_arg(wildcards):
