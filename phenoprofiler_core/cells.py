@@ -479,17 +479,22 @@ def run_cells(
     # decides them alone (a chunk of sites whose optional column is all empty, say).
     schema = _table_schema(cell_rows(sites, [np.zeros((1, 2))] * len(sites), metadata_columns))
     with io.ParquetStreamWriter(out_table, schema=schema) as table_writer:
-        centres_per_site, samples = [], []
-        for i, (centres, sample) in enumerate(
+        centres_per_site = []
+        # the sites' pixel samples side by side in one array, as they come (no list + concatenated
+        # copy: 69 MB each for a 3,456-site plate at the 1,000-pixel floor per site)
+        sample = np.empty((len(channels), first.samples_per_site * len(rows)), np.float32)
+        filled = 0
+        for i, (centres, site_sample) in enumerate(
             tqdm(map_sites(first, rows, workers), total=len(rows), desc=f"cells {plate} nuclei")
         ):
             centres_per_site.append(centres)
-            samples.append(sample)
+            sample[:, filled : filled + site_sample.shape[1]] = site_sample
+            filled += site_sample.shape[1]
             table_writer.write(cell_rows(sites.iloc[i : i + 1], [centres], metadata_columns))
-        sample = np.concatenate(samples, axis=1)
-        low = np.percentile(sample, low_pct, axis=1).astype(np.float32)
-        high = np.percentile(sample, high_pct, axis=1).astype(np.float32)
-        del samples, sample
+        # overwrite_input: the percentiles partition the sample in place instead of a copy of it
+        bounds = np.percentile(sample[:, :filled], [low_pct, high_pct], axis=1, overwrite_input=True)
+        low, high = bounds.astype(np.float32)
+        del sample
         log.info(
             "plate %s: rescale %s",
             plate,
