@@ -9,7 +9,10 @@ and ``factor x sites`` sites and the growth ratios (time per site 4x/1x, goal <=
 channels, 448² tiles, ~150 cells a site) runs through illumination, tiles, cells, classic and embed
 (a small untrained model, eager, site level).  Each stage runs alone in a fresh process (imports
 excluded from the time), the two sizes interleaved for ``rounds`` rounds: ``seconds`` is the least of
-the rounds (the run least slowed by other load on the machine), ``peak_mib`` the median.
+the rounds (the run least slowed by other load on the machine), ``peak_mib`` the median.  Beside the
+wall time, ``cpu_seconds`` (median) counts the CPU time of the stage and its workers: on a busy
+machine wall times swing by 2x between rounds, CPU time much less, so its per-site ratio is the
+steadier sign of work growing faster than the plate.
 
 Peak memory is what a cgroup (a SLURM job's memory limit) charges the job, each page once, sampled
 every 20 ms (:data:`PROBE`):
@@ -21,7 +24,8 @@ every 20 ms (:data:`PROBE`):
   shares with the stage process are counted once, in the stage process);
 * plus the page cache (``mincore``) of the stage's data files that the process does not map: the
   files it writes (its output folder, temporaries included) and the array it reads (embed: the
-  tiles).  A mapped file's resident pages are in the resident set already.
+  tiles).  A mapped file's resident pages are in the resident set already (which files are mapped:
+  ``/proc/self/maps``, read every 100 ms).
 
 Not counted: page cache of the source images (clean, shared with every image rule, reclaimable).
 ``--package-root`` imports ``phenoprofiler_core`` from another folder (e.g. an older version
@@ -104,8 +108,8 @@ def write_plate(folder: Path, n_sites: int, distinct: int) -> Path:
 
 
 # The memory probe, run inside the measured process: ``measure(run, data_files)`` calls ``run()`` with
-# a sampler thread beside it and returns {"wall_s", "peak_bytes", "resident", "workers", "cache",
-# "hwm"} (bytes; the three parts as they were at the peak sample; hwm = the kernel's VmHWM).
+# a sampler thread beside it and returns {"wall_s", "cpu_s", "peak_bytes", "resident", "workers",
+# "cache", "hwm"} (bytes; the three parts as they were at the peak sample; hwm = the kernel's VmHWM).
 # ``data_files()`` lists the files whose page cache counts.  Tests reuse it (tests/test_stage_memory.py).
 PROBE = r"""
 import ctypes, json, mmap, os, sys, threading, time
@@ -183,15 +187,16 @@ def unique_bytes(pid):
 
 def measure(run, data_files):
     peak = {"peak_bytes": 0, "resident": 0, "workers": 0, "cache": 0}
-    state = {"running": True, "workers": 0}
+    state = {"running": True, "workers": 0, "mapped": set(), "sampler_cpu": 0.0}
 
     def sample():
         tick = 0
         while state["running"]:
-            if tick % 5 == 0:  # smaps_rollup costs ~10 ms a process: every 100 ms
-                state["workers"] = sum(unique_bytes(p) for p in worker_pids(os.getpid()))
             files = data_files()
-            unmapped = set(files) - mapped(files)
+            if tick % 5 == 0:  # smaps_rollup ~10 ms a process, /proc/self/maps ~2 ms: every 100 ms
+                state["workers"] = sum(unique_bytes(p) for p in worker_pids(os.getpid()))
+                state["mapped"] = mapped(files)
+            unmapped = set(files) - state["mapped"]
             resident = resident_bytes()
             cache = sum(cached_bytes(p) for p in unmapped)
             charged = resident + state["workers"] + cache
@@ -199,19 +204,23 @@ def measure(run, data_files):
                 peak.update(peak_bytes=charged, resident=resident, workers=state["workers"], cache=cache)
             tick += 1
             time.sleep(0.02)
+        state["sampler_cpu"] = time.thread_time()
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), os.times()
     try:
         run()
     finally:
-        wall = time.perf_counter() - start
+        wall, cpu_end = time.perf_counter() - start, os.times()
         state["running"] = False
         sampler.join()
+    # CPU seconds of the process's threads (less the sampler's) and of its workers (counted once
+    # they were waited for)
+    cpu = sum(cpu_end[k] - cpu_start[k] for k in range(4)) - state["sampler_cpu"]
     status = Path("/proc/self/status").read_text().splitlines()
     hwm = [int(l.split()[1]) * 1024 for l in status if l.startswith("VmHWM:")][0]
-    return {"wall_s": wall, **peak, "hwm": hwm}
+    return {"wall_s": wall, "cpu_s": cpu, **peak, "hwm": hwm}
 """
 
 # One image stage on the synthetic plate, measured by the probe: argv = stage, manifest, work folder,
@@ -299,7 +308,7 @@ def image_stage_rows(
     package_root: Path = ROOT,
 ) -> list[dict]:
     """One row per stage and plate size: ``{stage, size ("1x" / "<factor>x"), units (sites), unit
-    ("sites"), seconds, peak_mib, resident_mib, workers_mib, cache_mib}``.
+    ("sites"), seconds, cpu_seconds, peak_mib, resident_mib, workers_mib, cache_mib}``.
 
     ``rounds`` rounds, the two plate sizes interleaved (their order alternating), each stage in a fresh
     process: ``seconds`` is the least of the rounds, the memory figures the median (the parts are
@@ -340,6 +349,7 @@ def image_stage_rows(
                     "units": n,
                     "unit": "sites",
                     "seconds": round(min(m["wall_s"] for m in measured), 3),
+                    "cpu_seconds": round(float(np.median([m["cpu_s"] for m in measured])), 3),
                     "peak_mib": round(median["peak_bytes"] / MIB, 1),
                     "resident_mib": round(median["resident"] / MIB, 1),
                     "workers_mib": round(median["workers"] / MIB, 1),
@@ -360,6 +370,7 @@ def growth_rows(rows: list[dict]) -> list[dict]:
                 "stage": stage,
                 "sites": f"{small['units']} -> {large['units']}",
                 "time_per_site_ratio": round(large["seconds"] / small["seconds"] / factor, 3),
+                "cpu_per_site_ratio": round(large["cpu_seconds"] / small["cpu_seconds"] / factor, 3),
                 "peak_ratio": round(large["peak_mib"] / small["peak_mib"], 3),
             }
         )
@@ -378,6 +389,9 @@ def scale_table(rows: list[dict]) -> pd.DataFrame:
                 "time 1x s": small["seconds"],
                 "time 4x s": large["seconds"],
                 "time/site 4x/1x": g["time_per_site_ratio"],
+                "cpu 1x s": small["cpu_seconds"],
+                "cpu 4x s": large["cpu_seconds"],
+                "cpu/site 4x/1x": g["cpu_per_site_ratio"],
                 "peak 1x MiB": small["peak_mib"],
                 "peak 4x MiB": large["peak_mib"],
                 "peak 4x/1x": g["peak_ratio"],
