@@ -8,6 +8,9 @@ Three kinds of feature set share this code:
 
 Site level: one embedding per site tile.  Cell level: one per cell crop, then the per-feature median
 over the site's cells (robust to a few bad crops); sites without cells are dropped (logged).
+The tiles/crops ``.npy`` is read batch by batch at offsets, never memory-mapped, and what was read
+leaves the page cache as the pass goes (:class:`.io.NpyRowReader`); cell-level medians are taken as
+the cells stream past (:class:`SiteMedians`).  So memory does not grow with the plate.
 Output: the index table's ``Metadata_*`` columns + float32 ``emb_000`` … ``emb_<D-1>``, and beside it
 ``<plate>.embed.json`` with the job's timing (start-up, compile, throughput; :class:`EmbedStats`).
 
@@ -24,13 +27,14 @@ Outputs stay within 1e-4 of the plain eval-mode model (``bench/bench_inference.p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import statistics
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,15 +142,75 @@ def feature_columns(dim: int) -> list[str]:
     return [f"emb_{i:03d}" for i in range(dim)]
 
 
-class _Images(Dataset):
-    def __init__(self, array: np.ndarray) -> None:
-        self.array = array
+class _Batches(Dataset):
+    """Batch ``b`` of the images, rows [b·size, (b+1)·size), as one float32 block in [0, 1].
+
+    From a :class:`io.NpyRowReader` the rows are read from the file and their pages dropped from the
+    page cache as the pass goes (:meth:`io.NpyRowReader.read`); a memory map would keep every page of
+    the plate it touched resident and charged to the job (6.9 GB for a 3,456-site plate of tiles).
+    An in-memory array is sliced.  Item = batch, so the DataLoader neither collates nor batches."""
+
+    def __init__(self, images: np.ndarray | io.NpyRowReader, batch_size: int) -> None:
+        self.images, self.batch_size = images, batch_size
 
     def __len__(self) -> int:
-        return self.array.shape[0]
+        return -(-len(self.images) // self.batch_size)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(image_to_float(np.asarray(self.array[i])))
+    def __getitem__(self, b: int) -> torch.Tensor:
+        start, stop = b * self.batch_size, min((b + 1) * self.batch_size, len(self.images))
+        if isinstance(self.images, io.NpyRowReader):
+            rows = self.images.read(start, stop)
+        else:
+            rows = np.asarray(self.images[start:stop])
+        return torch.from_numpy(image_to_float(rows))
+
+
+class EmbeddingArray:
+    """Collects every image's embedding in one float32 (N, D) array (site level: 2.7 KB a site)."""
+
+    def __init__(self, n: int, dim: int) -> None:
+        self.values = np.empty((n, dim), dtype=np.float32)
+
+    def add(self, start: int, embeddings: np.ndarray) -> None:
+        self.values[start : start + len(embeddings)] = embeddings
+
+
+class SiteMedians:
+    """Per-site median of cell embeddings, taken as the cells stream past in file order.
+
+    Only the sites some of whose cells are still to come are held (one or two when a site's cells
+    are contiguous, as ``phenoprofiler cells`` writes them), not the plate's (N_cells, D) embeddings:
+    2.7 KB a cell, ~1 GB for a 350,000-cell plate.  The median is the one pandas' groupby takes
+    (float64 middle value, or the mean of the two middle values), cast to float32.
+    """
+
+    def __init__(self, cells: pd.DataFrame, dim: int) -> None:
+        codes, sites = pd.factorize(pd.MultiIndex.from_frame(cells[SITE_KEYS]))  # first-seen order
+        if (codes < 0).any():
+            raise DataError(
+                f"cells table row {int(np.argmax(codes < 0))} has no site ({', '.join(SITE_KEYS)})"
+            )
+        self.codes, self.sites, self.dim = codes, sites, dim
+        self.last_row = np.full(len(sites), -1, dtype=np.int64)
+        np.maximum.at(self.last_row, codes, np.arange(len(codes)))
+        self.medians = np.full((len(sites), dim), np.nan, dtype=np.float32)
+        self.pending: dict[int, list[np.ndarray]] = {}
+
+    def add(self, start: int, embeddings: np.ndarray) -> None:
+        stop = start + len(embeddings)
+        codes = self.codes[start:stop]
+        for code in pd.unique(codes):
+            self.pending.setdefault(int(code), []).append(embeddings[codes == code])
+        for code in [c for c in self.pending if self.last_row[c] < stop]:
+            values = np.concatenate(self.pending.pop(code)).astype(np.float64)
+            self.medians[code] = np.median(values, axis=0).astype(np.float32)
+
+    def table(self) -> pd.DataFrame:
+        """``SITE_KEYS`` + the median feature columns, one row per site in first-seen order."""
+        if self.pending:
+            raise RuntimeError(f"cells of {len(self.pending)} site(s) were not all embedded")
+        keys = self.sites.to_frame(index=False, name=SITE_KEYS)
+        return pd.concat([keys, pd.DataFrame(self.medians, columns=feature_columns(self.dim))], axis=1)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -284,13 +348,26 @@ class EmbedStats:
 
 
 def embed_images(
-    model: PhenoProfilerModel, array: np.ndarray, cfg: EmbedConfig
+    model: PhenoProfilerModel, images: np.ndarray | io.NpyRowReader, cfg: EmbedConfig
 ) -> tuple[np.ndarray, EmbedStats]:
-    """Embed every image of a (N, C, S, S) array: float32 (N, D) and the job's timing."""
+    """Embed every image of a (N, C, S, S) array or ``.npy`` file: float32 (N, D) and the job's timing."""
+    sink = EmbeddingArray(len(images), model.config.projection_dim)
+    stats = embed_into(model, images, cfg, sink)
+    return sink.values, stats
+
+
+def embed_into(
+    model: PhenoProfilerModel,
+    images: np.ndarray | io.NpyRowReader,
+    cfg: EmbedConfig,
+    sink: EmbeddingArray | SiteMedians,
+) -> EmbedStats:
+    """Embed every image in batches of ``cfg.batch_size`` (rows in file order); hand each batch's
+    float32 (k, D) embeddings to ``sink.add(first_row, embeddings)``; return the job's timing."""
     device = pick_device(cfg.device)
     amp_dtype = autocast_dtype(cfg.precision, device)
     model = model.eval()
-    n = array.shape[0]
+    n = len(images)
     n_batches = -(-n // cfg.batch_size)
     stats = EmbedStats(
         images=n,
@@ -300,10 +377,9 @@ def embed_images(
         threads=torch.get_num_threads(),
         precision=PRECISION_NAMES[amp_dtype],
     )
-    out = np.empty((n, model.config.projection_dim), dtype=np.float32)
     if n == 0:
         stats.loop_started = time.monotonic()
-        return out, stats
+        return stats
     start = time.perf_counter()
     fast = inference_model(model).to(device)
     stats.prepare_s = time.perf_counter() - start
@@ -320,15 +396,15 @@ def embed_images(
         f"autocast {amp_dtype}" if amp_dtype else "fp32",
     )
     loader = DataLoader(
-        _Images(array),
-        batch_size=cfg.batch_size,
+        _Batches(images, cfg.batch_size),
+        batch_size=None,  # an item is a batch already
         shuffle=False,
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
     )
     from tqdm import tqdm
 
-    position = 0
+    position = non_finite = 0
     batch_times: list[float] = []
     stats.loop_started = time.monotonic()
     loop_start = time.perf_counter()
@@ -342,7 +418,9 @@ def embed_images(
                     result = runner(batch)
             else:
                 result = runner(batch)
-            out[position : position + k] = result.float().cpu().numpy()
+            embeddings = result.float().cpu().numpy()
+            non_finite += int((~np.isfinite(embeddings)).any(1).sum())
+            sink.add(position, embeddings)
             position += k
             batch_times.append(time.perf_counter() - batch_start)
     loop_s = time.perf_counter() - loop_start
@@ -355,11 +433,9 @@ def embed_images(
         stats.compile_s = max(runner.first_call_s - steady, 0.0)
     stats.compile_s += runner.failed_call_s  # a failed attempt is start-up time too
     stats.embed_s = max(loop_s - stats.compile_s, 1e-9)
-    if not np.isfinite(out).all():
-        raise DataError(
-            f"embedding produced non-finite values for {int((~np.isfinite(out)).any(1).sum())} image(s)"
-        )
-    return out, stats
+    if non_finite:
+        raise DataError(f"embedding produced non-finite values for {non_finite} image(s)")
+    return stats
 
 
 def embed_array(model: PhenoProfilerModel, array: np.ndarray, cfg: EmbedConfig) -> np.ndarray:
@@ -377,20 +453,37 @@ def embed_plate(
     cfg: EmbedConfig,
 ) -> tuple[pd.DataFrame, EmbedStats]:
     """Per-site embedding table of one plate (Metadata_* + emb_* float32) and the job's timing."""
+    if level == "cell" and cells_dir is None:
+        raise ConfigError("cell-level embedding needs --cells-dir")
+    if level != "cell" and tiles_dir is None:
+        raise ConfigError("site-level embedding needs --tiles-dir")
+    folder = cells_dir if level == "cell" else tiles_dir
+    with open_image_rows(folder, plate, level) as (images, table):
+        if images.shape[1] != model.in_channels:
+            raise DataError(
+                f"plate {plate}: images have {images.shape[1]} channels but the model expects {model.in_channels}"
+            )
+        dim = model.config.projection_dim
+        # cell level: the per-site medians are taken as the cells stream past (SiteMedians)
+        sink = SiteMedians(table, dim) if level == "cell" else EmbeddingArray(len(images), dim)
+        stats = embed_into(model, images, cfg, sink)
     if level == "cell":
-        if cells_dir is None:
-            raise ConfigError("cell-level embedding needs --cells-dir")
-        array, table = open_images(cells_dir, plate, "cell")
-    else:
-        if tiles_dir is None:
-            raise ConfigError("site-level embedding needs --tiles-dir")
-        array, table = open_images(tiles_dir, plate, "site")
-    if array.shape[1] != model.in_channels:
-        raise DataError(
-            f"plate {plate}: images have {array.shape[1]} channels but the model expects {model.in_channels}"
-        )
-    emb, stats = embed_images(model, array, cfg)
-    return per_site_table(emb, table, level=level, plate=plate, tiles_dir=tiles_dir), stats
+        return with_site_metadata(sink.table(), table, plate=plate, tiles_dir=tiles_dir), stats
+    return per_site_table(sink.values, table, level=level, plate=plate, tiles_dir=tiles_dir), stats
+
+
+@contextlib.contextmanager
+def open_image_rows(
+    folder: str | Path, plate: str, level: str
+) -> Iterator[tuple[io.NpyRowReader, pd.DataFrame]]:
+    """``<folder>/<plate>.npy`` as a row reader (nothing mapped) and its checked index table."""
+    array, table = open_images(folder, plate, level)  # the checks; maps the file but touches no page
+    del array
+    images = io.NpyRowReader(Path(folder) / f"{plate}.npy")
+    try:
+        yield images, table
+    finally:
+        images.close()
 
 
 def per_site_table(
@@ -401,9 +494,17 @@ def per_site_table(
     meta = [c for c in table.columns if c.startswith("Metadata_")]
     if level == "site":
         return pd.concat([table[meta].reset_index(drop=True), pd.DataFrame(emb, columns=columns)], axis=1)
-    # Cell level → site: median over the site's cells; site metadata from the sites table if present.
-    cells = pd.concat([table[SITE_KEYS].reset_index(drop=True), pd.DataFrame(emb, columns=columns)], axis=1)
-    per_site = cells.groupby(SITE_KEYS, sort=False)[columns].median().astype(np.float32).reset_index()
+    medians = SiteMedians(table, emb.shape[1])
+    medians.add(0, emb)
+    return with_site_metadata(medians.table(), table, plate=plate, tiles_dir=tiles_dir)
+
+
+def with_site_metadata(
+    per_site: pd.DataFrame, cells: pd.DataFrame, *, plate: str, tiles_dir: str | Path | None
+) -> pd.DataFrame:
+    """Per-site medians (``SITE_KEYS`` + features) with their site metadata: from the sites table when
+    there is one (in its order; sites without cells dropped, logged), else from the cells table."""
+    meta = [c for c in cells.columns if c.startswith("Metadata_")]
     sites_table = Path(tiles_dir) / f"{plate}.sites.parquet" if tiles_dir else None
     if sites_table is not None and sites_table.is_file():
         site_meta = pd.read_parquet(sites_table)
@@ -415,7 +516,7 @@ def per_site_table(
             log.warning("plate %s: %d site(s) without cells dropped", plate, dropped)
         return result
     site_cols = [c for c in meta if c not in ("Metadata_ObjectNumber", "Metadata_X", "Metadata_Y")]
-    site_meta = table[site_cols].drop_duplicates(SITE_KEYS)
+    site_meta = cells[site_cols].drop_duplicates(SITE_KEYS)
     return site_meta.merge(per_site, on=SITE_KEYS, how="inner")
 
 
@@ -518,7 +619,7 @@ def _model_kind(args) -> str:
 def _in_channels(args) -> int | None:
     for folder in (args.tiles_dir, args.cells_dir):
         if folder and (Path(folder) / f"{args.plate}.npy").is_file():
-            return int(np.load(Path(folder) / f"{args.plate}.npy", mmap_mode="r").shape[1])
+            return int(io.NpyRowReader(Path(folder) / f"{args.plate}.npy").shape[1])
     return None
 
 

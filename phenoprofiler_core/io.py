@@ -12,12 +12,13 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .errors import ImageError
+from .errors import DataError, ImageError
 
 # ----------------------------------------------------------------------------- atomic writes
 
@@ -72,36 +73,149 @@ def write_text(text: str, path: str | os.PathLike) -> None:
         tmp.write_text(text)
 
 
+# ----------------------------------------------------------------------------- files at offsets
+#
+# A cgroup (a SLURM job's memory limit) charges the job for the page cache of the files it writes and
+# reads and for the file pages it maps, not only for its own allocations; dirty pages cannot be
+# reclaimed without a write-back, clean ones only under pressure.  So the plate-sized arrays are never
+# memory-mapped here: they are written and read at offsets through a file descriptor, and the pages
+# behind what was written or read are dropped from the page cache once a window of them accumulates.
+
+# Page cache one array file may hold before it is written back and dropped: large enough that a small
+# plate (up to 16 sites of 5 x 448² float16) stays in memory, small next to any rule's mem_mb.
+WRITE_BACK_BYTES = 32 << 20
+
+
+def write_at(fd: int, buffer, offset: int) -> None:
+    """Write a contiguous buffer at ``offset`` (pwrite may write less than asked: loop)."""
+    view = memoryview(buffer).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def read_at(fd: int, buffer, offset: int) -> None:
+    """Fill a contiguous, writable buffer from ``offset``."""
+    view = memoryview(buffer).cast("B")
+    while view:
+        got = os.preadv(fd, [view], offset)
+        if got == 0:
+            raise OSError(f"file descriptor {fd} ends before offset {offset} (+{len(view)} bytes)")
+        view, offset = view[got:], offset + got
+
+
+def npy_header(shape: tuple[int, ...], dtype) -> bytes:
+    """The .npy header numpy itself writes (``np.save``) for a C-ordered array of this shape and dtype."""
+    buffer = BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
+def _drop_cached(fd: int, upto: int) -> None:
+    """Drop the file's clean cached pages before ``upto`` (dirty ones must be written back first)."""
+    if upto > 0 and hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, upto, os.POSIX_FADV_DONTNEED)
+
+
+class CacheBound:
+    """Bounds the page cache of a file we write: once ``window`` bytes were written to it since the
+    last write-back, everything written so far goes to disk (``fdatasync``) and leaves the cache."""
+
+    def __init__(self, fd: int, window: int | None = None) -> None:
+        self.fd, self.window = fd, WRITE_BACK_BYTES if window is None else window
+        self.unsynced = 0  # bytes written since the last write-back
+        self.synced_to = 0  # every byte before this offset is on disk
+
+    def wrote(self, nbytes: int, upto: int) -> None:
+        """``nbytes`` more were written; every byte before ``upto`` is final for this pass."""
+        self.unsynced += nbytes
+        if self.unsynced >= self.window:
+            self.write_back(upto)
+
+    def write_back(self, upto: int) -> None:
+        getattr(os, "fdatasync", os.fsync)(self.fd)
+        self.unsynced, self.synced_to = 0, max(self.synced_to, upto)
+        self.forget(upto)
+
+    def end_pass(self, upto: int) -> None:
+        """A pass over the file ended.  If it outgrew the window, write it all back now: the next pass
+        starts over from the first site and would otherwise hold this pass's last window besides its
+        own.  A file that never outgrew it stays in the cache, to be read back from memory."""
+        if self.synced_to:
+            self.write_back(upto)
+
+    def forget(self, upto: int) -> None:
+        """Drop everything before ``upto`` that is on disk from the cache.
+
+        Always from the start of the file: pages another thread holds for a moment (being read, in a
+        CPU's LRU batch) survive one ``DONTNEED`` — 1 page in 8 when two threads read a file — and
+        are dropped on the next call instead of piling up; over an emptied range the call is cheap."""
+        _drop_cached(self.fd, min(upto, self.synced_to))
+
+
 class NpyStreamWriter:
     """Write a (N, ...) array to ``.npy`` batch by batch without holding it in memory.
 
-    The file is created under a temporary name as a memory map of the final shape; ``close()``
-    flushes and renames it into place.  If the writer is abandoned (exception, kill) the temporary
-    file is removed / never renamed, so no half-written array is ever visible under the real name.
+    The file is created under a temporary name beside ``path``: numpy's header, then the rows written
+    through the file descriptor in order.  Every ``window`` bytes (default :data:`WRITE_BACK_BYTES`)
+    they are written back and dropped from the page cache (:class:`CacheBound`), so neither the
+    process nor the page cache holds more than a window of the array, whatever its size; nothing is
+    mapped.  ``close()`` checks that all N rows came, writes the rest back and renames the file into
+    place: the bytes are exactly those of ``np.save`` of the whole array.  If the writer is abandoned
+    (exception, kill) the temporary file is removed / never renamed, so no half-written array is ever
+    visible under the real name.
     """
 
-    def __init__(self, path: str | os.PathLike, shape: tuple[int, ...], dtype) -> None:
+    def __init__(
+        self, path: str | os.PathLike, shape: tuple[int, ...], dtype, *, window: int | None = None
+    ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
         self.tmp = _temp_beside(self.path, ".tmp.npy")
-        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=shape)
-        self.position = 0
+        self.fd: int | None = os.open(self.tmp, os.O_WRONLY)
+        try:
+            header = npy_header(self.shape, self.dtype)
+            write_at(self.fd, header, 0)
+            self.offset = len(header)  # where the next row goes
+            self.cache = CacheBound(self.fd, window)
+        except BaseException:
+            self.abort()
+            raise
+        self.position = 0  # rows written
 
     def write(self, batch: np.ndarray) -> None:
-        n = len(batch)
-        self.array[self.position : self.position + n] = batch
-        self.position += n
+        """Append ``batch`` (n, *shape[1:]) rows, converted to the array's dtype."""
+        batch = np.asarray(batch)
+        if batch.shape[1:] != self.shape[1:] or self.position + len(batch) > self.shape[0]:
+            raise ValueError(
+                f"{self.path}: batch of shape {batch.shape} does not fit rows {self.position}.. of an "
+                f"array of shape {self.shape}"
+            )
+        rows = np.ascontiguousarray(batch, dtype=self.dtype)
+        if rows.nbytes == 0:
+            return
+        write_at(self.fd, rows, self.offset)
+        self.offset += rows.nbytes
+        self.position += len(rows)
+        self.cache.wrote(rows.nbytes, self.offset)
 
     def close(self) -> None:
-        if self.position != self.array.shape[0]:
-            raise RuntimeError(f"{self.path}: wrote {self.position} rows, expected {self.array.shape[0]}")
-        self.array.flush()
-        del self.array
+        if self.position != self.shape[0]:
+            self.abort()  # a short array is never renamed into place, nor left behind hidden
+            raise RuntimeError(f"{self.path}: wrote {self.position} rows, expected {self.shape[0]}")
+        self.cache.write_back(self.offset)  # on disk before the rename, and out of the cache
+        os.close(self.fd)
+        self.fd = None
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            del self.array
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
         with contextlib.suppress(FileNotFoundError):
             self.tmp.unlink()
 
@@ -113,6 +227,182 @@ class NpyStreamWriter:
             self.close()
         else:
             self.abort()
+
+
+class ParquetStreamWriter:
+    """Write a table to Parquet chunk by chunk, in row groups of ``row_group_rows`` rows (the last
+    one shorter).
+
+    Chunks (DataFrames with the same columns) are buffered until a row group is full, converted to
+    ``schema`` (default: the first chunk's) and written, so memory holds about one row group of the
+    table, whatever its length.  Atomic like :func:`write_parquet`: the file is written under a
+    temporary name and renamed into place by ``close()``; ``abort()`` (or an exception inside
+    ``with``) removes it.  Read back with ``pd.read_parquet``, it is the concatenated chunks.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, schema=None, row_group_rows: int = 65536) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.schema, self.row_group_rows = schema, int(row_group_rows)
+        self.tmp = _temp_beside(self.path, f".tmp{self.path.suffix}")
+        self.buffered: list[pd.DataFrame] = []
+        self.buffered_rows = 0
+        self.rows = 0  # rows written to the file so far
+        self.writer = None
+
+    def write(self, chunk: pd.DataFrame) -> None:
+        self.buffered.append(chunk)
+        self.buffered_rows += len(chunk)
+        if self.buffered_rows >= self.row_group_rows:
+            self._flush()
+
+    def _flush(self, *, final: bool = False) -> None:
+        """Write the buffered rows as full row groups (all of them when ``final``); keep the rest."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.buffered:
+            return
+        frame = pd.concat(self.buffered, ignore_index=True) if len(self.buffered) > 1 else self.buffered[0]
+        full = len(frame) if final else len(frame) // self.row_group_rows * self.row_group_rows
+        rest = frame.iloc[full:]
+        self.buffered, self.buffered_rows = ([rest], len(rest)) if len(rest) else ([], 0)
+        if full == 0:
+            return
+        table = pa.Table.from_pandas(frame.iloc[:full], schema=self.schema, preserve_index=False)
+        if self.writer is None:
+            self.schema = table.schema
+            self.writer = pq.ParquetWriter(self.tmp, self.schema)
+        self.writer.write_table(table, row_group_size=self.row_group_rows)
+        self.rows += full
+
+    def close(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self._flush(final=True)
+        if self.writer is None:  # no row at all: an empty table, with the schema when there is one
+            if self.schema is None:
+                raise RuntimeError(f"{self.path}: nothing was written and no schema was given")
+            self.writer = pq.ParquetWriter(self.tmp, self.schema)
+            self.writer.write_table(pa.Table.from_batches([], schema=self.schema))
+        self.writer.close()
+        self.writer = None
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+            self.writer = None
+        self.buffered = []
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
+
+    def __enter__(self) -> ParquetStreamWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+class NpyRowReader:
+    """Rows of a C-ordered ``.npy`` array read at offsets, without mapping the file.
+
+    ``read(start, stop)`` returns rows [start, stop) as a new array.  Pages read are dropped from the
+    page cache once ``window`` bytes (default :data:`WRITE_BACK_BYTES`) were read since the last drop,
+    so a pass over a plate-sized file holds at most a window of it, plus the kernel's readahead of
+    what follows (up to twice the device's ``read_ahead_kb``: 128 KiB to a few MiB); a file smaller
+    than the window stays cached.  A memory map would instead keep every page touched
+    resident and charged to the job until the map is closed.
+
+    Safe to pass to DataLoader workers: each process opens its own descriptor (forked or spawned).
+    Raises :class:`DataError` naming the file when it is missing, not a .npy array, Fortran-ordered,
+    of Python objects, or shorter than its header says.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, window: int | None = None) -> None:
+        self.path = Path(path)
+        self.window = WRITE_BACK_BYTES if window is None else window
+        if not self.path.is_file():
+            raise DataError(f"array file not found: {self.path}")
+        with open(self.path, "rb") as handle:
+            try:
+                version = np.lib.format.read_magic(handle)
+                read_header = _NPY_HEADER_READERS.get(version)
+                if read_header is None:
+                    raise ValueError(f"format version {version} (expected 1.0 or 2.0, what np.save writes)")
+                shape, fortran, dtype = read_header(handle)
+            except (ValueError, OSError, SyntaxError) as exc:
+                raise DataError(f"{self.path} is not a readable .npy array: {exc}") from exc
+            self.offset = handle.tell()  # the first row starts right after the header
+        if fortran or dtype.hasobject or not shape:
+            raise DataError(
+                f"{self.path}: expected a C-ordered array of numbers with a first (row) axis, got shape "
+                f"{shape}, {'Fortran order' if fortran else 'C order'}, dtype {dtype}"
+            )
+        self.shape, self.dtype = tuple(shape), dtype
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        expected = self.offset + self.shape[0] * self.row_bytes
+        size = self.path.stat().st_size
+        if size < expected:
+            raise DataError(f"{self.path} is truncated: {size} bytes, its header needs {expected}")
+        self._fd: int | None = None
+        self._pid = 0
+        self._unforgotten = 0  # bytes read since the last drop
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _descriptor(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            # (no POSIX_FADV_SEQUENTIAL: it doubles the readahead, pages cached ahead of the reader)
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) (clipped to the array) as a new array."""
+        start, stop = max(0, int(start)), min(int(stop), self.shape[0])
+        rows = np.empty((max(stop - start, 0), *self.shape[1:]), self.dtype)
+        if rows.nbytes:
+            fd = self._descriptor()
+            end = self.offset + stop * self.row_bytes
+            read_at(fd, rows, self.offset + start * self.row_bytes)
+            self._unforgotten += rows.nbytes
+            if self._unforgotten >= self.window:
+                # from the start of the file, like CacheBound.forget: what a DataLoader worker
+                # holds for a moment survives one drop and goes with the next
+                _drop_cached(fd, end)
+                self._unforgotten = 0
+        return rows
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None, "_pid": 0}  # a descriptor means nothing in another process
+
+    def __enter__(self) -> NpyRowReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ----------------------------------------------------------------------------- images

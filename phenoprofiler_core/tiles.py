@@ -42,7 +42,6 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -51,17 +50,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import io
 from .errors import DataError
 from .illumination import check_image, load_functions
-from .io import atomic_path, read_image, write_json, write_parquet
+from .io import CacheBound, atomic_path, npy_header, read_at, read_image, write_at, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
 HISTOGRAM_BINS = 65536  # percentile resolution: (max - min) / 65536 per channel
 DTYPE_SCALE = {"float16": None, "float32": None, "uint8": 255, "uint16": 65535}
-# Page cache one tile file may hold before it is written back and dropped: large enough that a small
-# plate (up to 16 sites of 5 x 448² float16) is read back from memory, small next to the rule's mem_mb.
-WRITE_BACK_BYTES = 32 << 20
+# Page cache one tile file may hold before it is written back and dropped (io.WRITE_BACK_BYTES: a small
+# plate, up to 16 sites of 5 x 448² float16, is read back from memory); a tiles setting of its own.
+WRITE_BACK_BYTES = io.WRITE_BACK_BYTES
 
 
 def resize_stack(stack: np.ndarray, size: int) -> np.ndarray:
@@ -181,73 +181,6 @@ def rescale(tiles: np.ndarray, low: np.ndarray, high: np.ndarray, dtype: str) ->
 # ----------------------------------------------------------------------------- the plate on disk
 
 
-def _write_at(fd: int, buffer, offset: int) -> None:
-    """Write a contiguous buffer at ``offset`` (pwrite may write less than asked: loop)."""
-    view = memoryview(buffer).cast("B")
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
-def _read_at(fd: int, buffer, offset: int) -> None:
-    """Fill a contiguous, writable buffer from ``offset``."""
-    view = memoryview(buffer).cast("B")
-    while view:
-        got = os.preadv(fd, [view], offset)
-        if got == 0:
-            raise OSError(f"file descriptor {fd} ends before offset {offset} (+{len(view)} bytes)")
-        view, offset = view[got:], offset + got
-
-
-def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
-    """The .npy header numpy itself writes for a C-ordered array of this shape and dtype."""
-    buffer = BytesIO()
-    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
-    np.lib.format.write_array_header_1_0(buffer, header)
-    return buffer.getvalue()
-
-
-class CacheBound:
-    """Bounds the page cache of a file we write: once ``window`` bytes were written to it since the
-    last write-back, everything written so far goes to disk (``fdatasync``) and leaves the cache.
-
-    A cgroup (a SLURM job) is charged for the page cache of the files its processes write, dirty
-    pages cannot be reclaimed without a write-back, and clean ones only under pressure."""
-
-    def __init__(self, fd: int, window: int | None = None) -> None:
-        self.fd, self.window = fd, WRITE_BACK_BYTES if window is None else window
-        self.unsynced = 0  # bytes written since the last write-back
-        self.synced_to = 0  # every byte before this offset is on disk
-
-    def wrote(self, nbytes: int, upto: int) -> None:
-        """``nbytes`` more were written; every byte before ``upto`` is final for this pass."""
-        self.unsynced += nbytes
-        if self.unsynced >= self.window:
-            self.write_back(upto)
-
-    def write_back(self, upto: int) -> None:
-        getattr(os, "fdatasync", os.fsync)(self.fd)
-        self.unsynced, self.synced_to = 0, max(self.synced_to, upto)
-        self.forget(upto)
-
-    def end_pass(self, upto: int) -> None:
-        """A pass over the file ended.  If it outgrew the window, write it all back now: the next pass
-        starts over from the first site and would otherwise hold this pass's last window besides its
-        own.  A file that never outgrew it stays in the cache, to be read back from memory."""
-        if self.synced_to:
-            self.write_back(upto)
-
-    def forget(self, upto: int) -> None:
-        """Drop everything before ``upto`` that is on disk from the cache.
-
-        Always from the start of the file: pages another thread holds for a moment (being read, in a
-        CPU's LRU batch) survive one ``DONTNEED`` — 1 page in 8 when two threads read a file — and
-        are dropped on the next call instead of piling up; over an emptied range the call is cheap."""
-        upto = min(upto, self.synced_to)
-        if upto > 0 and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fd, 0, upto, os.POSIX_FADV_DONTNEED)
-
-
 class PlateStore:
     """A plate's tiles on disk: exact float32 values during the decode pass, the final dtype after.
 
@@ -266,14 +199,14 @@ class PlateStore:
         self.fd = os.open(path, os.O_RDWR)
         self.side_fd, self.side_path = None, None
         try:
-            header = _npy_header(self.shape, self.dtype)
-            _write_at(self.fd, header, 0)
+            header = npy_header(self.shape, self.dtype)
+            write_at(self.fd, header, 0)
             self.offset = len(header)
-            self.out_cache = CacheBound(self.fd)
+            self.out_cache = CacheBound(self.fd, WRITE_BACK_BYTES)
             if self.tail:
                 fd, side = tempfile.mkstemp(prefix=side_prefix, suffix=".side", dir=path.parent)
                 self.side_fd, self.side_path = fd, Path(side)
-                self.side_cache = CacheBound(fd)
+                self.side_cache = CacheBound(fd, WRITE_BACK_BYTES)
         except BaseException:
             self.close()
             raise
@@ -287,23 +220,23 @@ class PlateStore:
     def put_plane(self, site: int, channel: int, plane: np.ndarray) -> None:
         """Store the exact float32 (S, S) values of one site's channel (decode pass)."""
         raw = memoryview(np.ascontiguousarray(plane, np.float32)).cast("B")
-        _write_at(self.fd, raw[: self.head], self._head_at(site, channel))
+        write_at(self.fd, raw[: self.head], self._head_at(site, channel))
         if self.tail:
-            _write_at(self.side_fd, raw[self.head :], self._tail_at(site, channel))
+            write_at(self.side_fd, raw[self.head :], self._tail_at(site, channel))
 
     def get_site(self, site: int) -> np.ndarray:
         """The exact float32 (C, S, S) values of one site, as the decode pass stored them."""
         values = np.empty(self.shape[1:], np.float32)
         for k in range(self.shape[1]):
             raw = memoryview(values[k]).cast("B")
-            _read_at(self.fd, raw[: self.head], self._head_at(site, k))
+            read_at(self.fd, raw[: self.head], self._head_at(site, k))
             if self.tail:
-                _read_at(self.side_fd, raw[self.head :], self._tail_at(site, k))
+                read_at(self.side_fd, raw[self.head :], self._tail_at(site, k))
         return values
 
     def put_final_site(self, site: int, tile: np.ndarray) -> None:
         """Write one site's tile in the final dtype over its stored values (rescale pass)."""
-        _write_at(self.fd, np.ascontiguousarray(tile, self.dtype), self._head_at(site))
+        write_at(self.fd, np.ascontiguousarray(tile, self.dtype), self._head_at(site))
 
     def stored(self, start: int, stop: int) -> None:
         """Sites [start, stop) were stored (decode pass): bound the cache of both files."""
