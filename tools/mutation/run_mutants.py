@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import json
 import os
 import re
@@ -208,28 +209,29 @@ def mutmut_bin() -> str:
     return found
 
 
-def run_mutmut(module: Module, equivalents: list[dict]) -> Outcome:
+def run_mutmut(module: Module, equivalents: list[dict], *, report_only: bool = False) -> Outcome:
     scratch = REPO / "mutants" / module.name / "mutmut"
-    tests = existing_tests(module)
     scope = functions_in_scope(module)
-    pyproject = (
-        without_mutmut_table((REPO / "pyproject.toml").read_text()) + "\n" + mutmut_table(module, tests)
-    )
-    make_scratch(scratch, pyproject, repo_copy=scratch / "mutants")
-    patterns = [f"{PACKAGE}.{module.name}.{name}__mutmut_*" for name in scope]
     log_path = scratch / "mutmut.log"
-    print(f"  mutmut on {module.source} ({len(scope)} functions in scope), tests: {' '.join(tests)}")
-    print(f"  log: {log_path.relative_to(REPO)}")
-    start = time.monotonic()
-    with open(log_path, "w") as log:
-        code = subprocess.call(
-            [mutmut_bin(), "run", "--max-children", "1", *patterns],
-            cwd=scratch,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    if not report_only:
+        tests = existing_tests(module)
+        pyproject = (
+            without_mutmut_table((REPO / "pyproject.toml").read_text()) + "\n" + mutmut_table(module, tests)
         )
-    print(f"  mutmut finished in {time.monotonic() - start:.0f} s (exit code {code})")
+        make_scratch(scratch, pyproject, repo_copy=scratch / "mutants")
+        patterns = [f"{PACKAGE}.{module.name}.{name}__mutmut_*" for name in scope]
+        print(f"  mutmut on {module.source} ({len(scope)} functions in scope), tests: {' '.join(tests)}")
+        print(f"  log: {log_path.relative_to(REPO)}", flush=True)
+        start = time.monotonic()
+        with open(log_path, "w") as log:
+            code = subprocess.call(
+                [mutmut_bin(), "run", "--max-children", "1", *patterns],
+                cwd=scratch,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+            )
+        print(f"  mutmut finished in {time.monotonic() - start:.0f} s (exit code {code})")
     meta = scratch / "mutants" / (module.source + ".meta")
     if not meta.exists():
         raise SystemExit(f"mutmut wrote no results ({meta} missing); see {log_path}")
@@ -249,8 +251,8 @@ def run_mutmut(module: Module, equivalents: list[dict]) -> Outcome:
             outcome.no_tests.append(key)
         else:  # None (not run, e.g. interrupted) or an unknown code: never counted as killed
             outcome.not_checked.append(key)
+    outcome.diffs = mutant_diffs(scratch, module, outcome.survived + outcome.no_tests)
     for key in outcome.survived + outcome.no_tests:
-        outcome.diffs[key] = mutant_diff(scratch, key)
         reason = equivalent_reason(module.name, key, outcome.diffs[key], equivalents)
         if reason:
             outcome.equivalent[key] = reason
@@ -262,15 +264,30 @@ def _natural(key: str) -> tuple[str, int]:
     return stem, int(number) if number.isdigit() else 0
 
 
-def mutant_diff(scratch: Path, key: str) -> str:
-    """The lines a mutant changes (mutmut show, minus the diff headers)."""
-    shown = subprocess.run(
-        [mutmut_bin(), "show", key], cwd=scratch, capture_output=True, text=True, check=False
-    ).stdout
-    changed = [
-        line for line in shown.splitlines() if line[:1] in "+-" and not line.startswith(("+++", "---"))
-    ]
-    return "\n".join(changed)
+def mutant_diffs(scratch: Path, module: Module, keys: list[str]) -> dict[str, str]:
+    """The lines each mutant changes: its function in mutmut's mutated file against ``__mutmut_orig``.
+
+    (What ``mutmut show`` prints, without starting mutmut once per survivor.)
+    """
+    text = (scratch / "mutants" / module.source).read_text()
+    lines = text.splitlines()
+    wanted = {key.rpartition(".")[2] for key in keys}
+    wanted |= {f"{name.partition('__mutmut_')[0]}__mutmut_orig" for name in wanted}
+    functions = {}
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name in wanted:
+            functions[node.name] = "\n".join(lines[node.lineno - 1 : node.end_lineno])
+    out = {}
+    for key in keys:
+        name = key.rpartition(".")[2]
+        stem = name.partition("__mutmut_")[0]
+        original = functions.get(f"{stem}__mutmut_orig", "").replace(f"{stem}__mutmut_orig", stem)
+        mutated = functions.get(name, "").replace(name, stem)
+        diff = difflib.unified_diff(original.splitlines(), mutated.splitlines(), lineterm="", n=0)
+        out[key] = "\n".join(
+            line for line in diff if line[:1] in "+-" and not line.startswith(("+++", "---"))
+        )
+    return out
 
 
 def equivalent_reason(module: str, key: str, diff: str, equivalents: list[dict]) -> str | None:
@@ -367,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--no-planted", action="store_true", help="skip the hand-planted mutants")
     group.add_argument("--planted-only", action="store_true", help="only the hand-planted mutants")
+    parser.add_argument(
+        "--report", action="store_true", help="run nothing: score the last mutmut run of each module again"
+    )
     args = parser.parse_args(argv)
 
     modules, planted, equivalents = load_config()
@@ -379,10 +399,10 @@ def main(argv: list[str] | None = None) -> int:
         module = modules[name]
         print(f"== {name}" + (f"  ({module.note})" if module.note else ""), flush=True)
         if not args.planted_only:
-            outcome = run_mutmut(module, equivalents)
+            outcome = run_mutmut(module, equivalents, report_only=args.report)
             print_outcome(outcome)
             outcomes.append(outcome)
-        if not args.no_planted:
+        if not args.no_planted and not args.report:
             outcome = run_planted(module, planted)
             if outcome is not None:
                 print_outcome(outcome)
