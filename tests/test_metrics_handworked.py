@@ -315,6 +315,7 @@ def test_foe_with_a_finite_odds_ratio_by_hand():
     ref = metrics.enrichment_reference(S, M, percentile=90.0).set_index("query").loc[0]
     assert [ref.v11, ref.v12, ref.v21, ref.v22] == [5, 5, 1, 88]
     assert ref["odds_ratio"] == pytest.approx(88.0) and ref["p_value"] == pytest.approx(p_expected, rel=1e-9)
+    assert ref["published_odds_ratio"] == pytest.approx(88.0)  # finite: the rule does not apply
 
 
 def test_holm_sidak_count_in_the_summary_by_hand():
@@ -334,6 +335,8 @@ def test_holm_sidak_count_in_the_summary_by_hand():
     assert summary["foe_top1_n_significant"]["n"] == 4
     assert summary["foe_top1_mean"]["value"] == pytest.approx(98.0)
     assert summary["foe_top1_mean"]["n"] == 2
+    # At alpha 0.01: 1/99 > 1 - .99**(1/4) = .0025 -> nothing significant.
+    assert metrics.summarize_retrieval(r, alpha=0.01)["foe_top1_n_significant"]["value"] == 0
 
 
 # ----------------------------------------------------------------------------- cosine, scale invariance
@@ -428,19 +431,106 @@ def test_match_matrix_with_another_separator():
 
 
 def test_similarities_a_rounding_error_above_one_are_clipped():
-    # A cosine of 1 + 1e-12 (rounding) must score like 1.0, not rank above it or break the table.
-    S = CASE_A_S.copy()
-    S[0, 1] = S[1, 0] = 1.0 + 1e-12
-    S[0, 0] = 1.0 + 2e-12
-    reference = CASE_A_S.copy()
-    reference[0, 1] = reference[1, 0] = 1.0
+    # A cosine of 1 + 1e-12 (rounding) must score exactly like 1.0.  Case A with t1 (a partner of t0)
+    # and t3 (not one) both at the top of row 0: once clipped they tie, and the tie goes to the lower
+    # column, t1: Recall@1 of t0 stays 1/3.  Unclipped, t3 would come first and give 0.
+    exact = CASE_A_S.copy()
+    exact[0, 1] = exact[1, 0] = exact[0, 3] = exact[3, 0] = 1.0
+    rounded = exact.copy()
+    rounded[0, 3] = rounded[3, 0] = 1.0 + 1e-12
+    rounded[0, 0] = 1.0 + 2e-12
     M = metrics.moa_match_matrix(CASE_A_MOA)
-    clipped, exact = metrics.retrieval_metrics(S, M), metrics.retrieval_metrics(reference, M)
-    np.testing.assert_allclose(clipped.foe_threshold, exact.foe_threshold, atol=1e-15, equal_nan=True)
-    np.testing.assert_array_equal(clipped.foe_v, exact.foe_v)
-    np.testing.assert_allclose(metrics.map_ap_reference(S, M), metrics.map_ap_reference(reference, M))
-    ref_clipped = metrics.enrichment_reference(S, M)
-    assert ref_clipped["threshold"].max() <= 1.0
+    clipped, reference = metrics.retrieval_metrics(rounded, M), metrics.retrieval_metrics(exact, M)
+    assert reference.recall[1][0] == pytest.approx(1 / 3)
+    for k in (1, 3, 5, 10):
+        np.testing.assert_array_equal(clipped.recall[k], reference.recall[k])
+        np.testing.assert_array_equal(metrics.recall_reference(rounded, M)[k], reference.recall[k])
+    np.testing.assert_array_equal(clipped.foe_threshold, reference.foe_threshold)
+    np.testing.assert_array_equal(clipped.average_precision, reference.average_precision)
+    np.testing.assert_array_equal(metrics.map_ap_reference(rounded, M), reference.average_precision)
+
+
+def test_similarities_a_rounding_error_below_minus_one_are_clipped():
+    # N = 3: row 0's others are t1 at -1 - 1e-12 and t2 at .5; the 99th percentile interpolates between
+    # them (-1 + .99 * 1.5 = .485), so an unclipped -1 - 1e-12 would shift it.  Results must be identical.
+    exact = np.array([[1.0, -1.0, 0.5], [-1.0, 1.0, 0.2], [0.5, 0.2, 1.0]])
+    rounded = exact.copy()
+    rounded[0, 1] = rounded[1, 0] = -1.0 - 1e-12
+    M = metrics.moa_match_matrix(["a", "a", "b"])
+    ours, expected = metrics.enrichment_reference(rounded, M), metrics.enrichment_reference(exact, M)
+    assert expected["threshold"].iloc[0] == pytest.approx(0.485)
+    np.testing.assert_array_equal(ours["threshold"], expected["threshold"])
+    np.testing.assert_array_equal(
+        metrics.retrieval_metrics(rounded, M).foe_threshold, metrics.retrieval_metrics(exact, M).foe_threshold
+    )
+
+
+def test_an_integer_match_matrix_means_the_same_as_a_boolean_one():
+    M = metrics.moa_match_matrix(CASE_A_MOA)
+    as_int = M.astype(np.int64)  # 0/1, e.g. read back from a table
+    r = metrics.retrieval_metrics(CASE_A_S, as_int)
+    np.testing.assert_allclose(r.average_precision, CASE_A["ap"], atol=1e-12)
+    np.testing.assert_array_equal(r.foe_v[QUERIES_A], CASE_A["v"])
+    foe = metrics.enrichment_reference(CASE_A_S, as_int)
+    np.testing.assert_array_equal(foe[["v11", "v12", "v21", "v22"]].to_numpy(), CASE_A["v"])
+    np.testing.assert_allclose(metrics.map_ap_reference(CASE_A_S, as_int), CASE_A["ap"], atol=1e-12)
+    np.testing.assert_allclose(metrics.recall_reference(CASE_A_S, as_int)[1], CASE_A["recall"], atol=1e-12)
+    per_query = metrics.interpolated_curve_reference(CASE_A_S, as_int)[2]
+    np.testing.assert_allclose(per_query, CASE_A["interpolated"], atol=1e-12)
+
+
+def test_foe_table_is_integer_and_marks_non_queries():
+    r = _case_a()
+    assert r.foe_v.dtype.kind == "i"  # counts
+    assert r.foe_v[3].tolist() == [-1, -1, -1, -1]  # t3 is not a query (an int table cannot hold NaN)
+
+
+def test_all_treatments_sharing_one_moa_by_hand():
+    # N = 3, one MoA, distinct scores: every query's two others are both partners.  This is the worked
+    # example of interpolated_curve_reference's docstring (DeepProfilerExperiments walk):
+    # precision [2/3 1 1 1], recall [1 1 .5 0], grid [1 .5 0] -> curve [2/3, 2/3, 1], mean 7/9.
+    # map_ap = 1 (both partners outrank self); Recall@1: the top other is a partner -> 1/(2+1).
+    S = np.array([[1.0, 0.9, 0.1], [0.9, 1.0, 0.5], [0.1, 0.5, 1.0]])
+    M = metrics.moa_match_matrix(["a", "a", "a"])
+    r = metrics.retrieval_metrics(S, M)
+    np.testing.assert_allclose(r.interpolated_precision, [7 / 9] * 3, atol=1e-12)
+    np.testing.assert_allclose(metrics.interpolated_curve_reference(S, M)[2], [7 / 9] * 3, atol=1e-12)
+    np.testing.assert_allclose(r.average_precision, [1.0] * 3, atol=1e-12)
+    np.testing.assert_allclose(r.recall[1], [1 / 3] * 3, atol=1e-12)
+
+
+def test_recall_tie_with_a_single_partner():
+    # N = 3, t0 and t1 share 'a'.  Row 0: t1 (partner) and t2 tie at .5; n = 1, the tie straddles the
+    # cut-off and goes to the lower column, t1: Recall@1 = 1/(1+1).
+    S = np.array([[1.0, 0.5, 0.5], [0.5, 1.0, 0.2], [0.5, 0.2, 1.0]])
+    M = metrics.moa_match_matrix(["a", "a", "b"])
+    assert metrics.retrieval_metrics(S, M).recall[1][0] == pytest.approx(1 / 2)
+    assert metrics.recall_reference(S, M)[1][0] == pytest.approx(1 / 2)
+
+
+def test_recall_of_every_other_treatment_by_hand():
+    # k = 100: n = N = 4 is capped at the N - 1 = 3 others.  Case T row 0 ranks t1 (hit), t2, t3 (hit):
+    # all 2 partners are found -> 2/(2+1).
+    M = metrics.moa_match_matrix(CASE_T_MOA)
+    assert metrics.retrieval_metrics(CASE_T_S, M, recall_percents=(100,)).recall[100][0] == pytest.approx(
+        2 / 3
+    )
+    assert metrics.recall_reference(CASE_T_S, M, percents=(100,))[100][0] == pytest.approx(2 / 3)
+
+
+def test_interpolated_reference_without_any_query():
+    # Nobody has two partners: no curve to average; the mean curve is NaN at every one of the N points.
+    M = metrics.moa_match_matrix(["a", "a", "b", "b"])
+    grid, curve, per_query = metrics.interpolated_curve_reference(CASE_A_S[:4, :4], M)
+    assert grid.shape == (4,) and curve.shape == (4,)
+    assert np.isnan(curve).all() and np.isnan(per_query).all()
+
+
+def test_cosine_similarity_is_computed_in_float64():
+    profiles = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], dtype=np.float32)
+    S = metrics.cosine_similarity_matrix(profiles)
+    assert S.dtype == np.float64
+    assert S[0, 1] == pytest.approx(10 / 14, abs=1e-12)  # (3 + 4 + 3) / (sqrt(14) * sqrt(14))
 
 
 @pytest.mark.parametrize(
@@ -449,8 +539,12 @@ def test_similarities_a_rounding_error_above_one_are_clipped():
         (np.zeros((2, 3)), np.zeros((2, 3), dtype=bool), "square"),
         (np.zeros(4), np.zeros(4, dtype=bool), "square"),
         (np.eye(3), np.eye(2, dtype=bool), "shape"),
-        (np.ones((1, 1)), np.ones((1, 1), dtype=bool), "at least 2"),
-        (np.array([[1.0, np.inf], [np.inf, 1.0]]), np.eye(2, dtype=bool), "NaN or infinite"),
+        (np.ones((1, 1)), np.ones((1, 1), dtype=bool), "^need at least 2 treatments$"),
+        (
+            np.array([[1.0, np.inf], [np.inf, 1.0]]),
+            np.eye(2, dtype=bool),
+            "^similarity matrix has NaN or infinite values$",
+        ),
     ],
 )
 def test_bad_matrices_are_rejected_by_every_entry_point(S, M, message):
@@ -480,10 +574,24 @@ def test_fisher_vectorised_conventions_by_hand():
     assert metrics.published_odds_ratio(odds, [4, 1, 0, 2]).tolist()[:2] == [8.0, 0.0]
     assert metrics.published_odds_ratio(odds, [4, 1, 0, 2])[3] == 2.0
     assert np.isnan(metrics.published_odds_ratio(odds, [4, 1, 0, 2])[2])  # NaN stays NaN
+    # Empty columns (nothing of one MoA class) and equal v12 = v22 (not an empty margin):
+    #   [[0, 3], [0, 1]] and [[2, 0], [3, 0]] -> (NaN, 1);
+    #   [[2, 1], [1, 1]]: OR = 2*1/(1*1) = 2; p = P(X >= 2 | 5, 3, 3) = [C(3,2)C(2,1) + C(3,3)] / C(5,3) = 7/10.
+    odds, p = metrics.fisher_greater([0, 2, 2], [3, 0, 1], [0, 3, 1], [1, 0, 1])
+    assert np.isnan(odds[0]) and p[0] == 1.0
+    assert np.isnan(odds[1]) and p[1] == 1.0
+    assert odds[2] == pytest.approx(2.0) and p[2] == pytest.approx(0.7)
+    for table, (o, pv) in zip([[[0, 3], [0, 1]], [[2, 0], [3, 0]], [[2, 1], [1, 1]]], zip(odds, p)):
+        scipy_result = fisher_exact(table, alternative="greater")
+        assert (np.isnan(o) and np.isnan(scipy_result.statistic)) or o == pytest.approx(
+            scipy_result.statistic
+        )
+        assert pv == pytest.approx(scipy_result.pvalue)
 
 
 def test_holm_sidak_edge_cases_by_hand():
-    assert metrics.holm_sidak_reject(np.array([])).tolist() == []
+    empty = metrics.holm_sidak_reject(np.array([]))
+    assert empty.tolist() == [] and empty.dtype == bool  # a mask, even when empty
     # p = 0 is always significant; 0.05 alone: 1 - 0.95**1 = 0.05, so p <= 0.05 rejects.
     assert metrics.holm_sidak_reject(np.array([0.0, 0.5])).tolist() == [True, False]
     assert metrics.holm_sidak_reject(np.array([0.04]), alpha=0.05).tolist() == [True]
