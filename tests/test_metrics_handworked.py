@@ -318,6 +318,22 @@ def test_foe_with_a_finite_odds_ratio_by_hand():
     assert ref["published_odds_ratio"] == pytest.approx(88.0)  # finite: the rule does not apply
 
 
+def test_foe_odds_ratio_unequal_to_v22_by_hand():
+    # percentile 80 of row 0's others (.01 ... .99): index .8*98 = 78.4 -> .79 + .4*.01 = .794; above it
+    # t1..t20 (20 items), 5 of them partners: v = (5, 15, 1, 78); OR = 5*78 / (15*1) = 26 (finite, so
+    # the published rule keeps it, not v22 = 78).
+    p_expected = sum(comb(6, x) * comb(93, 20 - x) for x in (5, 6)) / comb(99, 20)
+    S, M = _case_c()
+    r = metrics.retrieval_metrics(S, M, percentile=80.0)
+    assert r.foe_v[0].tolist() == [5, 15, 1, 78]
+    assert r.foe_odds_ratio[0] == pytest.approx(26.0)
+    assert metrics.published_odds_ratio(r.foe_odds_ratio[:1], r.foe_v[:1, 3])[0] == pytest.approx(26.0)
+    assert r.foe_p_value[0] == pytest.approx(p_expected, rel=1e-9)
+    ref = metrics.enrichment_reference(S, M, percentile=80.0).set_index("query").loc[0]
+    assert ref["threshold"] == pytest.approx(0.794)
+    assert ref["odds_ratio"] == pytest.approx(26.0) and ref["published_odds_ratio"] == pytest.approx(26.0)
+
+
 def test_holm_sidak_count_in_the_summary_by_hand():
     # Same S, labels: t0 ~ t1 ('y') and t98 ~ t99 ('z'); nobody else has a label.
     # t0: top other is t1 (.99) -> v = (1, 0, 0, 98), OR inf -> 98, p = 1/99.  t99 likewise (top t98).
@@ -477,6 +493,22 @@ def test_an_integer_match_matrix_means_the_same_as_a_boolean_one():
     np.testing.assert_allclose(metrics.recall_reference(CASE_A_S, as_int)[1], CASE_A["recall"], atol=1e-12)
     per_query = metrics.interpolated_curve_reference(CASE_A_S, as_int)[2]
     np.testing.assert_allclose(per_query, CASE_A["interpolated"], atol=1e-12)
+
+
+def test_a_float_match_matrix_and_float32_similarities_are_accepted():
+    # Tables read back from Parquet give 0.0/1.0 matches and float32 similarities: the same numbers
+    # as the boolean / float64 inputs (the computation runs in float64 either way).
+    M = metrics.moa_match_matrix(CASE_A_MOA)
+    S32 = CASE_A_S.astype(np.float32)
+    as_float = M.astype(np.float64)
+    foe = metrics.enrichment_reference(S32, as_float)
+    np.testing.assert_array_equal(foe[["v11", "v12", "v21", "v22"]].to_numpy(), CASE_A["v"])
+    expected = metrics.enrichment_reference(S32.astype(np.float64), M)
+    np.testing.assert_array_equal(foe["threshold"], expected["threshold"])
+    r = metrics.retrieval_metrics(S32, as_float)
+    np.testing.assert_array_equal(
+        r.foe_threshold, metrics.retrieval_metrics(S32.astype(np.float64), M).foe_threshold
+    )
 
 
 def test_foe_table_is_integer_and_marks_non_queries():
