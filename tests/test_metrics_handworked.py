@@ -479,6 +479,11 @@ def test_similarities_a_rounding_error_below_minus_one_are_clipped():
     np.testing.assert_array_equal(
         metrics.retrieval_metrics(rounded, M).foe_threshold, metrics.retrieval_metrics(exact, M).foe_threshold
     )
+    # Recall over all others (k = 100): row 0 takes both others and so finds its partner t1 even at
+    # -1 - 1e-12: 1/(1+1).  (Unclipped, t1 would sort below self and be missed at the cut-off.)
+    for S in (rounded, exact):
+        assert metrics.retrieval_metrics(S, M, recall_percents=(100,)).recall[100][0] == pytest.approx(1 / 2)
+        assert metrics.recall_reference(S, M, percents=(100,))[100][0] == pytest.approx(1 / 2)
 
 
 def test_an_integer_match_matrix_means_the_same_as_a_boolean_one():

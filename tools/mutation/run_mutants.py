@@ -18,8 +18,9 @@ files that concern the module (``mutants.toml``):
   defaults (the paper's configuration), ``@contextmanager`` functions (``atomic_path``).
 
 The score is killed / total per module ("killed" includes mutants that made the tests time out or
-crash).  Survivors listed in ``[[equivalent]]`` (same behaviour as the original, so no test can
-kill them) are marked with their reason and also left out of a second, "adjusted" score.  To look
+crash).  Survivors listed in ``[[survivor]]`` are marked with their reason: ``equivalent`` ones
+(same behaviour as the original, so no test can kill them) are also left out of a second,
+"adjusted" score; ``accepted`` ones (e.g. prose of a label) stay in both scores.  To look
 at a survivor: ``cd mutants/<module>/mutmut && ../../../.venv/bin/mutmut show <name>`` (or ``browse``).
 
 Slow and CPU-heavy on purpose (one worker): not part of CI's default run.
@@ -78,7 +79,8 @@ class Outcome:
     survived: list[str] = field(default_factory=list)
     no_tests: list[str] = field(default_factory=list)
     not_checked: list[str] = field(default_factory=list)
-    equivalent: dict[str, str] = field(default_factory=dict)  # survivor -> reason
+    equivalent: dict[str, str] = field(default_factory=dict)  # survivor -> reason (same behaviour)
+    accepted: dict[str, str] = field(default_factory=dict)  # survivor -> why it is not worth killing
     diffs: dict[str, str] = field(default_factory=dict)  # survivor -> changed lines
 
     @property
@@ -94,6 +96,7 @@ class Outcome:
 
 
 def load_config(path: Path = CONFIG) -> tuple[dict[str, Module], list[dict], list[dict]]:
+    """Modules, planted mutants and known survivors ([[survivor]]) of mutants.toml."""
     data = tomllib.loads(path.read_text())
     modules = {
         name: Module(
@@ -105,7 +108,11 @@ def load_config(path: Path = CONFIG) -> tuple[dict[str, Module], list[dict], lis
         )
         for name, entry in data["modules"].items()
     }
-    return modules, list(data.get("planted", [])), list(data.get("equivalent", []))
+    survivors = list(data.get("survivor", []))
+    bad = [s for s in survivors if s.get("kind") not in ("equivalent", "accepted")]
+    if bad:
+        raise SystemExit(f"mutants.toml [[survivor]]: kind must be 'equivalent' or 'accepted': {bad[:1]}")
+    return modules, list(data.get("planted", [])), survivors
 
 
 def functions_in_scope(module: Module, root: Path = REPO) -> list[str]:
@@ -209,7 +216,7 @@ def mutmut_bin() -> str:
     return found
 
 
-def run_mutmut(module: Module, equivalents: list[dict], *, report_only: bool = False) -> Outcome:
+def run_mutmut(module: Module, survivors: list[dict], *, report_only: bool = False) -> Outcome:
     scratch = REPO / "mutants" / module.name / "mutmut"
     scope = functions_in_scope(module)
     log_path = scratch / "mutmut.log"
@@ -253,9 +260,9 @@ def run_mutmut(module: Module, equivalents: list[dict], *, report_only: bool = F
             outcome.not_checked.append(key)
     outcome.diffs = mutant_diffs(scratch, module, outcome.survived + outcome.no_tests)
     for key in outcome.survived + outcome.no_tests:
-        reason = equivalent_reason(module.name, key, outcome.diffs[key], equivalents)
-        if reason:
-            outcome.equivalent[key] = reason
+        known = known_survivor(module.name, key, outcome.diffs[key], survivors)
+        if known:
+            (outcome.equivalent if known["kind"] == "equivalent" else outcome.accepted)[key] = known["reason"]
     return outcome
 
 
@@ -290,13 +297,13 @@ def mutant_diffs(scratch: Path, module: Module, keys: list[str]) -> dict[str, st
     return out
 
 
-def equivalent_reason(module: str, key: str, diff: str, equivalents: list[dict]) -> str | None:
-    """Reason from [[equivalent]] whose function and '+' line match this survivor."""
+def known_survivor(module: str, key: str, diff: str, survivors: list[dict]) -> dict | None:
+    """The [[survivor]] entry whose module, function and mutated ('+') line match this survivor."""
     function = key.partition("__mutmut_")[0].rpartition(".")[2]
     added = [line[1:].strip() for line in diff.splitlines() if line.startswith("+")]
-    for entry in equivalents:
+    for entry in survivors:
         if entry["module"] == module and entry["function"] == function and entry["mutation"].strip() in added:
-            return entry["reason"]
+            return entry
     return None
 
 
@@ -357,8 +364,12 @@ def run_planted(module: Module, planted: list[dict]) -> Outcome | None:
 def print_outcome(outcome: Outcome) -> None:
     for key in outcome.survived + outcome.no_tests:
         status = "no tests" if key in outcome.no_tests else "survived"
-        reason = outcome.equivalent.get(key)
-        tag = f"equivalent: {reason}" if reason else status
+        if key in outcome.equivalent:
+            tag = f"equivalent: {outcome.equivalent[key]}"
+        elif key in outcome.accepted:
+            tag = f"accepted ({status}): {outcome.accepted[key]}"
+        else:
+            tag = status
         print(f"    {key}  [{tag}]")
         for line in outcome.diffs.get(key, "").splitlines():
             print(f"        {line}")
@@ -374,7 +385,8 @@ def score_line(outcome: Outcome) -> str:
     return (
         f"{outcome.module:<14} {outcome.kind:<8} killed {outcome.detected:>4} / {total:<4} = {score:5.1f} %"
         f"   (timeouts {outcome.timeout}, survived {len(outcome.survived)}, no tests {len(outcome.no_tests)},"
-        f" equivalent {len(outcome.equivalent)} -> {adjusted:5.1f} % of the non-equivalent)"
+        f" of which equivalent {len(outcome.equivalent)} / accepted {len(outcome.accepted)};"
+        f" {adjusted:5.1f} % of the non-equivalent)"
     )
 
 
@@ -389,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    modules, planted, equivalents = load_config()
+    modules, planted, survivors = load_config()
     names = args.modules or list(modules)
     unknown = [n for n in names if n not in modules]
     if unknown:
@@ -399,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         module = modules[name]
         print(f"== {name}" + (f"  ({module.note})" if module.note else ""), flush=True)
         if not args.planted_only:
-            outcome = run_mutmut(module, equivalents, report_only=args.report)
+            outcome = run_mutmut(module, survivors, report_only=args.report)
             print_outcome(outcome)
             outcomes.append(outcome)
         if not args.no_planted and not args.report:
