@@ -78,7 +78,7 @@ def test_mean_image_does_not_overflow_8_bit(tmp_path):
 
 
 def test_mean_image_of_nothing_is_an_error():
-    with pytest.raises(DataError, match="^no images to average$"):
+    with pytest.raises(DataError, match=r"^no images to average$"):
         mean_image([])
 
 
