@@ -25,6 +25,7 @@ from phenoprofiler_core.model import (
     GradientEncoder,
     LossWeights,
     ModelConfig,
+    PhenoProfilerModel,
     ProjectionHead,
     TransformerBlock,
     classification_loss,
@@ -269,6 +270,9 @@ def test_transformer_block_is_a_post_norm_encoder_layer():
         x = torch.randn(3, 6, 32)  # (sequence, batch, features)
         torch.testing.assert_close(block(x), ref(x), rtol=0, atol=1e-5)
     assert block.attention.num_heads == 4 and block.feed_forward[0].out_features == 64
+    # the paper's dropout 0.1 is also the blocks' default
+    default = TransformerBlock(8, 2, 16)
+    assert default.dropout.p == 0.1 and default.attention.dropout == 0.1
 
 
 def _gelu(v: float) -> float:
@@ -290,6 +294,8 @@ def test_projection_head_by_hand():
     expected = torch.tensor([[(v - mean) / math.sqrt(var + 1e-5) for v in summed]])
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-6)
     assert head.dropout.p == 0.1 and head.layer_norm.normalized_shape == (3,)
+    default = ProjectionHead(5)  # the paper's 672-d profile and dropout 0.1 by default
+    assert default.projection.out_features == 672 and default.dropout.p == 0.1
 
 
 # ----------------------------------------------------------------------------- model wiring and options
@@ -314,6 +320,8 @@ def test_model_heads_and_regression_target():
         assert same.regression_head is None and same.target_dim == 672
         assert same.regression_output(profile) is profile
     assert create_model(TINY, in_channels=5).classifier is None  # no classes, no classifier
+    assert PhenoProfilerModel(5, ModelConfig(**TINY)).classifier is None
+    assert PhenoProfilerModel(5, ModelConfig(**TINY), num_classes=1).classifier.out_features == 1
 
 
 def test_profiles_of_a_batch_are_independent():
@@ -332,6 +340,12 @@ def test_profiles_of_a_batch_are_independent():
     # the block's output for site 0 alone is what the model used for site 0
     torch.testing.assert_close(model.image_projection(one_token), together[:1], rtol=0, atol=1e-5)
     assert not torch.allclose(model.image_projection(pooled[:1]), together[:1], atol=1e-3)  # the block acts
+
+
+def test_option_thetas_reach_the_gradient_encoder():
+    model = create_model({**TINY, "thetas": [0.5, 0.2]}, in_channels=3)
+    assert model.image_encoder.conv.branch1[0].theta == 0.5
+    assert model.image_encoder.conv.branch2[0].theta == 0.2
 
 
 def test_option_gradient_encoder_off():
@@ -418,6 +432,14 @@ def test_backbone_has_no_classifier_and_average_pooling():
     with torch.no_grad():
         features = backbone(torch.rand(2, 4, 32, 32))
     assert features.shape == (2, backbone.num_features)  # pooled features, no class logits
+    # Any timm name: a vision transformer's default would be its class token; we average the tokens.
+    vit = create_backbone("test_vit").eval()
+    assert vit.global_pool == "avg" and vit.num_classes == 0
+    x = torch.rand(1, 3, vit.default_cfg["input_size"][1], vit.default_cfg["input_size"][2])
+    with torch.no_grad():
+        tokens = vit.forward_features(x)
+        expected = vit.fc_norm(tokens[:, vit.num_prefix_tokens :].mean(dim=1))
+        torch.testing.assert_close(vit(x), expected, rtol=0, atol=1e-5)
 
 
 def test_pretrained_fails_fast_and_clearly_offline():
@@ -427,7 +449,11 @@ def test_pretrained_fails_fast_and_clearly_offline():
     except OSError:
         pass
     start = time.monotonic()
-    with pytest.raises(ConfigError, match=r"not in the local cache and huggingface\.co cannot be reached"):
+    with pytest.raises(
+        ConfigError,
+        match=r"not in the local cache and huggingface\.co cannot be reached .*; download them once on a "
+        r"connected machine, set model\.pretrained_file to a local weights file, or set model\.pretrained: false$",
+    ):
         create_backbone("resnet18", pretrained=True)
     assert time.monotonic() - start < 30
     with pytest.raises(ConfigError, match=r"pretrained_file: /nonexistent/weights\.pth does not exist"):
@@ -441,8 +467,10 @@ def test_pretrained_file_loads_local_weights(tmp_path):
     source = timm.create_model("resnet10t")  # a full ImageNet-shaped model, as a weights file holds
     path = tmp_path / "resnet10t.pth"
     torch.save(source.state_dict(), path)
-    backbone = create_backbone("resnet10t", pretrained=True, pretrained_file=str(path))
+    backbone = create_backbone("resnet10t", pretrained=True, pretrained_file=str(path)).eval()
     assert torch.equal(backbone.conv1[0].weight, source.conv1[0].weight)
+    with torch.no_grad():  # still a feature extractor: pooled features, no ImageNet classifier
+        assert backbone(torch.rand(1, 3, 32, 32)).shape == (1, backbone.num_features)
     # and through the model factory (the gradient encoder turns 5 channels into the 3 the stem expects)
     model = create_model(
         {"backbone": "resnet10t", "pretrained": True, "pretrained_file": str(path), "transformer_ffn": 64},
@@ -472,8 +500,10 @@ def test_pretrained_weights_in_the_hugging_face_cache_load_offline(tmp_path, mon
     else:
         torch.save(state, snapshot / filename)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    backbone = create_backbone("resnet10t", pretrained=True)
+    backbone = create_backbone("resnet10t", pretrained=True).eval()
     assert torch.equal(backbone.layer4[0].conv1.weight, source.layer4[0].conv1.weight)
+    with torch.no_grad():  # still a feature extractor: pooled features, no ImageNet classifier
+        assert backbone(torch.rand(1, 3, 32, 32)).shape == (1, backbone.num_features)
 
 
 def test_inference_model_matches_eval_model():
