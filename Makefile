@@ -7,7 +7,7 @@ CORES ?= 2
 # the venv's bin first, so Snakemake's shell: rules find the right python and `phenoprofiler`
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench lint mutants clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,17 @@ lint: $(STAMP)  ## ruff (lint + format check), snakefmt --check, snakemake --lin
 	$(BIN)/ruff format --check .
 	$(BIN)/snakefmt --check workflow
 	$(BIN)/snakemake --lint --configfile config/demo.yaml
+
+MUTANTS_STAMP := $(VENV)/.mutants-installed
+$(MUTANTS_STAMP): pyproject.toml $(STAMP)
+	$(VENV)/bin/pip install --quiet -e '.[test,mutants]'
+	touch $(MUTANTS_STAMP)
+
+# Mutation testing (slow, CPU-heavy, one worker, not in CI): score per module, survivors with diffs.
+# One module or a few:  make mutants MODULES="metrics io"   (modules: tools/mutation/mutants.toml)
+MODULES ?=
+mutants: $(MUTANTS_STAMP)
+	nice -n 15 $(BIN)/python tools/mutation/run_mutants.py $(MODULES)
 
 clean:
 	rm -rf results .snakemake
