@@ -179,9 +179,11 @@ def gpus_per_job():
     if name == "slurm-jobstep" or (workflow.remote_exec and name != "slurm"):
         # inside a SLURM job: the job step (srun) must ask for what the job was given, or srun refuses
         # it ("Invalid generic resource") on a node without GPUs
-        return 1 if os.environ.get("SLURM_GPUS_ON_NODE", "0") not in ("", "0") or os.environ.get(
-            "SLURM_JOB_GPUS"
-        ) else 0
+        return (
+            1
+            if os.environ.get("SLURM_GPUS_ON_NODE", "0") not in ("", "0") or os.environ.get("SLURM_JOB_GPUS")
+            else 0
+        )
     if name not in ("slurm", "dryrun"):
         return 1
     gpus = _cluster_gpus_per_node()
