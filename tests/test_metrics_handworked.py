@@ -141,9 +141,12 @@ def test_case_a_summary_by_hand():
     assert summary["foe_top1_mean"]["value"] == pytest.approx(2.0) and summary["foe_top1_mean"]["n"] == 4
     # Holm-Sidak: smallest p 1/4 > 1 - 0.95**(1/4) = 0.0127 -> nothing significant, of 4 queries
     assert summary["foe_top1_n_significant"]["value"] == 0 and summary["foe_top1_n_significant"]["n"] == 4
+    # the raw sample odds ratios are all infinite (v12 = 0): their median, kept as a diagnostic, is inf
+    assert summary["foe_top1_median_raw"]["value"] == np.inf
     assert set(summary) == {
         "foe_top1_mean",
         "foe_top1_median",
+        "foe_top1_median_raw",
         "foe_top1_n_significant",
         "map_interpolated",
         "map_ap",
@@ -181,12 +184,6 @@ def test_summary_of_a_metric_without_queries_is_nan():
     assert summary["map_ap"]["value"] == pytest.approx(3 / 4) and summary["map_ap"]["n"] == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DESIGN.md §6: the FoE median is taken over the OR_i AFTER the infinite-odds rule (being "
-    "changed on another branch; today's code takes the median of the raw odds, here inf). Remove this "
-    "marker when that change is merged.",
-)
 def test_case_a_foe_median_after_the_published_rule():
     # OR_i after the rule: 2, 1, 3, 2 -> median 2 (the raw sample odds ratios are all infinite).
     summary = metrics.summarize_retrieval(_case_a())
