@@ -4,6 +4,7 @@
     make mutants MODULES="metrics io"     # some of them
     python tools/mutation/run_mutants.py metrics --no-planted      # mutmut only
     python tools/mutation/run_mutants.py model --planted-only      # the hand-planted bugs only
+    python tools/mutation/run_mutants.py model --rerun-survivors   # last run's survivors, current tests
 
 Two kinds of mutants, each run against the fast suite (``-m "not slow"``) restricted to the test
 files that concern the module (``mutants.toml``):
@@ -216,11 +217,55 @@ def mutmut_bin() -> str:
     return found
 
 
-def run_mutmut(module: Module, survivors: list[dict], *, report_only: bool = False) -> Outcome:
+def last_survivors(module: Module, scratch: Path) -> list[str]:
+    """Mutant names (package.module.x_func__mutmut_N) that survived or had no tests in the last run."""
+    meta = scratch / "mutants" / (module.source + ".meta")
+    if not meta.exists():
+        raise SystemExit(f"no earlier mutmut run of {module.name} to rerun ({meta} missing)")
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    return [key for key, code in codes.items() if code in SURVIVED_CODES | NO_TESTS_CODES]
+
+
+def rerun_survivors(module: Module, scratch: Path, log_path: Path) -> None:
+    """Run the last run's survivors again against the checkout's current tests.
+
+    The scratch folder is kept (mutants, coverage stats, the other verdicts); its tests are replaced
+    by the checkout's, and mutmut collects coverage for the tests it has not seen, so a new test
+    kills what it touches without re-running every mutant (hours for a big module).
+    """
+    names = last_survivors(module, scratch)
+    if not names:
+        print("  no survivors to rerun")
+        return
+    tests = existing_tests(module)
+    pyproject = (
+        without_mutmut_table((REPO / "pyproject.toml").read_text()) + "\n" + mutmut_table(module, tests)
+    )
+    (scratch / "pyproject.toml").write_text(pyproject)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    shutil.copytree(REPO / "tests", scratch / "tests", ignore=ignore, dirs_exist_ok=True)
+    print(f"  rerunning {len(names)} survivors of {module.source}, tests: {' '.join(tests)}")
+    start = time.monotonic()
+    with open(log_path, "a") as log:
+        code = subprocess.call(
+            [mutmut_bin(), "run", "--max-children", "1", *names],
+            cwd=scratch,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        )
+    print(f"  mutmut finished in {time.monotonic() - start:.0f} s (exit code {code})")
+
+
+def run_mutmut(
+    module: Module, survivors: list[dict], *, report_only: bool = False, rerun: bool = False
+) -> Outcome:
     scratch = REPO / "mutants" / module.name / "mutmut"
     scope = functions_in_scope(module)
     log_path = scratch / "mutmut.log"
-    if not report_only:
+    if rerun:
+        rerun_survivors(module, scratch, log_path)
+    elif not report_only:
         tests = existing_tests(module)
         pyproject = (
             without_mutmut_table((REPO / "pyproject.toml").read_text()) + "\n" + mutmut_table(module, tests)
@@ -399,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report", action="store_true", help="run nothing: score the last mutmut run of each module again"
     )
+    parser.add_argument(
+        "--rerun-survivors",
+        action="store_true",
+        help="run only the last run's survivors again, against the current tests (after adding tests)",
+    )
     args = parser.parse_args(argv)
 
     modules, planted, survivors = load_config()
@@ -411,10 +461,10 @@ def main(argv: list[str] | None = None) -> int:
         module = modules[name]
         print(f"== {name}" + (f"  ({module.note})" if module.note else ""), flush=True)
         if not args.planted_only:
-            outcome = run_mutmut(module, survivors, report_only=args.report)
+            outcome = run_mutmut(module, survivors, report_only=args.report, rerun=args.rerun_survivors)
             print_outcome(outcome)
             outcomes.append(outcome)
-        if not args.no_planted and not args.report:
+        if not args.no_planted and not args.report and not args.rerun_survivors:
             outcome = run_planted(module, planted)
             if outcome is not None:
                 print_outcome(outcome)
