@@ -5,6 +5,8 @@
     python tools/mutation/run_mutants.py metrics --no-planted      # mutmut only
     python tools/mutation/run_mutants.py model --planted-only      # the hand-planted bugs only
     python tools/mutation/run_mutants.py model --rerun-survivors   # last run's survivors, current tests
+    python tools/mutation/run_mutants.py tiles --before            # score without the *_handworked.py tests;
+                                                                   # then --rerun-survivors adds them
 
 Two kinds of mutants, each run against the fast suite (``-m "not slow"``) restricted to the test
 files that concern the module (``mutants.toml``):
@@ -258,8 +260,28 @@ def rerun_survivors(module: Module, scratch: Path, log_path: Path) -> None:
     print(f"  mutmut finished in {time.monotonic() - start:.0f} s (exit code {code})")
 
 
+def blank_handworked_tests(scratch: Path, tests: list[str]) -> list[str]:
+    """Empty the scratch copies of the module's ``*_handworked.py`` test files (no tests in them).
+
+    The test selection stays the same, so that ``--rerun-survivors`` can later bring the real files
+    back without mutmut treating it as a new configuration (which resets every verdict).
+    """
+    blanked = []
+    for test in tests:
+        path = test.partition("::")[0]
+        if path.endswith("_handworked.py"):
+            (scratch / path).write_text('"""Left empty for the score before these tests (--before)."""\n')
+            blanked.append(path)
+    return blanked
+
+
 def run_mutmut(
-    module: Module, survivors: list[dict], *, report_only: bool = False, rerun: bool = False
+    module: Module,
+    survivors: list[dict],
+    *,
+    report_only: bool = False,
+    rerun: bool = False,
+    before: bool = False,
 ) -> Outcome:
     scratch = REPO / "mutants" / module.name / "mutmut"
     scope = functions_in_scope(module)
@@ -272,6 +294,8 @@ def run_mutmut(
             without_mutmut_table((REPO / "pyproject.toml").read_text()) + "\n" + mutmut_table(module, tests)
         )
         make_scratch(scratch, pyproject, repo_copy=scratch / "mutants")
+        if before:
+            print(f"  before the hand-worked tests: {blank_handworked_tests(scratch, tests)} left empty")
         patterns = [f"{PACKAGE}.{module.name}.{name}__mutmut_*" for name in scope]
         print(f"  mutmut on {module.source} ({len(scope)} functions in scope), tests: {' '.join(tests)}")
         print(f"  log: {log_path.relative_to(REPO)}", flush=True)
@@ -446,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
         "--report", action="store_true", help="run nothing: score the last mutmut run of each module again"
     )
     parser.add_argument(
+        "--before",
+        action="store_true",
+        help="leave the module's *_handworked.py test files empty (the score before them)",
+    )
+    parser.add_argument(
         "--rerun-survivors",
         action="store_true",
         help="run only the last run's survivors again, against the current tests (after adding tests)",
@@ -462,7 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         module = modules[name]
         print(f"== {name}" + (f"  ({module.note})" if module.note else ""), flush=True)
         if not args.planted_only:
-            outcome = run_mutmut(module, survivors, report_only=args.report, rerun=args.rerun_survivors)
+            outcome = run_mutmut(
+                module, survivors, report_only=args.report, rerun=args.rerun_survivors, before=args.before
+            )
             print_outcome(outcome)
             outcomes.append(outcome)
         if not args.no_planted and not args.report and not args.rerun_survivors:
