@@ -671,3 +671,66 @@ def test_zero_weight_loss_gives_no_gradient():
     assert torch.isclose(parts["loss"], parts["mse"])
     assert not parts["ce"].requires_grad and not parts["contrastive"].requires_grad  # reported, detached
     assert float(parts["ce"]) > 0 and float(parts["contrastive"]) > 0
+
+
+# ----------------------------------------------------------------------------- reaching the weights
+
+
+def test_a_hub_id_with_a_revision_finds_the_cached_repo(tmp_path, monkeypatch):
+    # timm writes a pinned Hub revision as 'repo@revision' (timm.models._hub.hf_split); the cache is
+    # laid out by repo name, so the revision must be cut off before looking there.
+    import dataclasses
+
+    import huggingface_hub.constants
+    import timm
+
+    from phenoprofiler_core.model import _cached_weights
+
+    repo = tmp_path / "models--timm--resnet10t.c3_in1k"
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd" / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    real_cfg = timm.models.get_pretrained_cfg("resnet10t")
+    pinned = dataclasses.replace(real_cfg, hf_hub_id="timm/resnet10t.c3_in1k@0123abcd")
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: pinned)
+    assert _cached_weights("resnet10t") == str(repo / "snapshots" / "0123abcd" / "model.safetensors")
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: None)  # no pretrained config
+    assert _cached_weights("resnet10t") is None
+
+
+def test_reachability_check_asks_the_right_host_once_with_a_short_timeout(monkeypatch):
+    # No network here: a stand-in for socket.create_connection records what would be asked and
+    # fails as an offline machine does.  Weights on the Hub -> huggingface.co; timm models without a
+    # Hub id download from download.pytorch.org.  Port 443 (https), 3 s: fail fast, not hang.
+    import timm
+
+    from phenoprofiler_core.model import _require_reachable
+
+    asked = []
+
+    def offline(address, timeout=None):
+        asked.append((address, timeout))
+        raise OSError("network unreachable (test)")
+
+    monkeypatch.setattr(socket, "create_connection", offline)
+    with pytest.raises(
+        ConfigError, match=r"huggingface\.co cannot be reached \(network unreachable \(test\)\)"
+    ):
+        _require_reachable("resnet10t")
+    assert asked == [(("huggingface.co", 443), 3.0)]
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: None)
+    with pytest.raises(ConfigError, match=r"and download\.pytorch\.org cannot be reached"):
+        _require_reachable("resnet10t")
+    assert asked[-1] == (("download.pytorch.org", 443), 3.0)
+
+    class Connection:  # reachable: the check returns quietly
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: Connection())
+    assert _require_reachable("resnet10t") is None
