@@ -226,7 +226,12 @@ def last_survivors(module: Module, scratch: Path) -> list[str]:
     if not meta.exists():
         raise SystemExit(f"no earlier mutmut run of {module.name} to rerun ({meta} missing)")
     codes = json.loads(meta.read_text())["exit_code_by_key"]
-    return [key for key, code in codes.items() if code in SURVIVED_CODES | NO_TESTS_CODES]
+    in_scope = {f"{PACKAGE}.{module.name}.{name}" for name in functions_in_scope(module)}
+    return [
+        key
+        for key, code in codes.items()
+        if code in SURVIVED_CODES | NO_TESTS_CODES and key.partition("__mutmut_")[0] in in_scope
+    ]
 
 
 def rerun_survivors(module: Module, scratch: Path, log_path: Path) -> None:
