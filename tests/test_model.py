@@ -191,6 +191,15 @@ def test_central_difference_conv_by_hand(theta, expected):
     torch.testing.assert_close(y[0, 0], torch.tensor(expected), rtol=0, atol=1e-5)
 
 
+def test_central_difference_conv_defaults_are_the_first_branchs():
+    # A bare CentralDifferenceConv2d is the gradient encoder's first branch: 3x3, stride 2, padding 1,
+    # theta 0.7 (the paper's theta_1; CDC-Net's usual value), no bias (none in the published checkpoint).
+    cdc = CentralDifferenceConv2d(5, 3)
+    assert cdc.theta == 0.7 and cdc.conv.bias is None
+    assert (cdc.conv.kernel_size, cdc.conv.stride, cdc.conv.padding) == ((3, 3), (2, 2), (1, 1))
+    assert cdc.extra_repr() == "theta=0.7"
+
+
 def test_central_difference_sums_the_kernel_over_channels_per_output():
     # A second input channel of ones with an all-ones kernel (sum 9): its plain response is the number
     # of in-image taps, 4 at every output (2x2 at each corner); its difference term 0.25 * 9 * 1.
