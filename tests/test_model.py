@@ -509,6 +509,11 @@ def test_pretrained_weights_in_the_hugging_face_cache_load_offline(tmp_path, mon
     else:
         torch.save(state, snapshot / filename)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+
+    def no_hub(*args, **kwargs):  # the cached file is read directly: timm must not ask the Hub
+        raise AssertionError(f"Hub download attempted: {args} {kwargs}")
+
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", no_hub)
     backbone = create_backbone("resnet10t", pretrained=True).eval()
     assert torch.equal(backbone.layer4[0].conv1.weight, source.layer4[0].conv1.weight)
     with torch.no_grad():  # still a feature extractor: pooled features, no ImageNet classifier
