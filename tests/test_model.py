@@ -748,3 +748,52 @@ def test_reachability_check_asks_the_right_host_once_with_a_short_timeout(monkey
 
     monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: Connection())
     assert _require_reachable("resnet10t") is None
+
+
+class _Reachable:
+    """What socket.create_connection returns when the host answers (a context manager)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_weights_from_the_hub_when_it_answers_and_a_clear_error_when_it_fails(tmp_path, monkeypatch):
+    # No network here: stand-ins for the reachable host and for timm's Hub download.  When the Hub
+    # hands over the weights file they are loaded into a feature extractor; when the download fails,
+    # a ConfigError says what failed and what to set instead.
+    import huggingface_hub.constants
+    import timm
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: _Reachable())
+    torch.manual_seed(5)
+    source = timm.create_model("resnet10t")
+    weights = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    asked = []
+
+    def hub(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        return str(weights)
+
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", hub)
+    backbone = create_backbone("resnet10t", pretrained=True, in_chans=3).eval()
+    assert asked == [("timm/resnet10t.c3_in1k", "model.safetensors")]
+    assert torch.equal(backbone.layer4[0].conv1.weight, source.layer4[0].conv1.weight)
+    with torch.no_grad():  # a feature extractor: pooled features, no ImageNet classifier
+        assert backbone(torch.rand(1, 3, 32, 32)).shape == (1, backbone.num_features)
+
+    def hub_down(repo_id, filename, **kwargs):
+        raise OSError("503 from the Hub (test)")
+
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", hub_down)
+    with pytest.raises(
+        ConfigError,
+        match=r"^model\.pretrained: could not get pretrained weights for timm model 'resnet10t' \(OSError: 503 "
+        r"from the Hub \(test\)\); set model\.pretrained_file to a local weights file or model\.pretrained: false$",
+    ):
+        create_backbone("resnet10t", pretrained=True)
