@@ -110,6 +110,15 @@ def test_sampled_pvalues_by_hand():
     assert result["below_corrected_p"].tolist() == [False, False]  # 0.05 is not < 0.05
 
 
+def test_groups_come_out_sorted_by_name():
+    # like copairs' own null (a sorted groupby): the order of the AP rows does not matter
+    table = ap_rows([("b", 0.25, 1, 2), ("a", 1.0, 1, 2), ("b", 0.25, 1, 2)])
+    result = evaluate._map_with_pvalues(table, "group", null_size=9, threshold=0.05, seed=0, null="sampled")
+    assert result["group"].tolist() == ["a", "b"]
+    np.testing.assert_allclose(result["mean_average_precision"], [1.0, 0.25])
+    np.testing.assert_allclose(result["p_value"], [0.1, 1.0])  # 1/10 and 10/10
+
+
 def test_sampled_pvalue_of_a_middling_map_counts_strictly_greater_null_draws():
     # One positive among 2 ranks: null AP is 1 or 1/2, each half the time.  A mAP of exactly 1/2 is
     # beaten only by the draws of 1 (strictly greater), about half of them; ">=" would count all.
@@ -214,7 +223,7 @@ CONSENSUS_ROWS = [
     ("-", "-", "ctl", "negcon", "x", 170),
     ("-", "-", "t4", "trt", "y", 200),
     ("-", "-", "t0", "trt", "", 5),
-    ("-", "-", "t2", "trt", "x", 10),
+    ("-", "-", "t2", "trt", "x|z", 10),  # 'z' is no one else's: no z row; t2's negatives stay t3, t4
 ]
 
 
@@ -228,6 +237,20 @@ def test_consistency_map_by_hand():
     np.testing.assert_allclose(result["mean_normalized_average_precision"], [1.0, 1 / 7], atol=1e-12)
     assert result["p_value"].iloc[0] == pytest.approx(1 / 100, abs=1e-12)
     assert result.attrs["note"] == ""
+
+
+def test_consistency_map_defaults():
+    # DESIGN.md §6: copairs' null of 10000 draws, seed 0, alpha 0.05, MoA labels split at '|'.
+    consensus = wells_table(CONSENSUS_ROWS).drop(columns=["Metadata_Plate", "Metadata_Well"])
+    default = evaluate.consistency_map(consensus, FEATURES, null="sampled")
+    explicit = evaluate.consistency_map(
+        consensus, FEATURES, null_size=10000, threshold=0.05, seed=0, sep="|", null="sampled"
+    )
+    pd.testing.assert_frame_equal(default, explicit)
+    assert default["Metadata_moa_label"].tolist() == ["x", "y"]  # 'x|z' counts for x
+    assert default["p_value"].iloc[0] == pytest.approx(1 / 10001, abs=1e-12)
+    # y (mAP 2/3, one positive among 3): beaten by the null's draws of AP 1, about a third of them
+    assert 0.3 < default["p_value"].iloc[1] < 0.37 and not default["below_p"].iloc[1]
 
 
 def test_consistency_map_says_why_it_is_empty():
