@@ -236,7 +236,29 @@ def test_consistency_map_by_hand():
     np.testing.assert_allclose(result["mean_average_precision"], [1.0, 2 / 3], atol=1e-12)
     np.testing.assert_allclose(result["mean_normalized_average_precision"], [1.0, 1 / 7], atol=1e-12)
     assert result["p_value"].iloc[0] == pytest.approx(1 / 100, abs=1e-12)
+    assert (result["null"] == "sampled").all()
+    # y: beaten by the null draws of AP 1 (a third); BH over 2: x 2/100 < .05, y stays above
+    assert result["below_p"].tolist() == [True, False]
+    assert result["below_corrected_p"].tolist() == [True, False]
     assert result.attrs["note"] == ""
+
+
+def test_consistency_map_splits_labels_at_the_given_separator():
+    rows = [(*r[:4], r[4].replace("|", ";"), r[5]) for r in CONSENSUS_ROWS]
+    consensus = wells_table(rows).drop(columns=["Metadata_Plate", "Metadata_Well"])
+    result = evaluate.consistency_map(consensus, FEATURES, null_size=99, sep=";", null="sampled")
+    assert result["Metadata_moa_label"].tolist() == ["x", "y"]
+    np.testing.assert_allclose(result["mean_average_precision"], [1.0, 2 / 3], atol=1e-12)
+
+
+def test_activity_map_defaults():
+    # DESIGN.md §6: 10000 null draws, seed 0, alpha 0.05
+    wells = wells_table(ACTIVITY_ROWS)
+    default = evaluate.activity_map(wells, FEATURES, null="sampled")
+    explicit = evaluate.activity_map(wells, FEATURES, null_size=10000, threshold=0.05, seed=0, null="sampled")
+    pd.testing.assert_frame_equal(default, explicit)
+    assert default["p_value"].iloc[0] == pytest.approx(1 / 10001, abs=1e-12)
+    assert (default["null"] == "sampled").all()
 
 
 def test_consistency_map_defaults():
@@ -294,7 +316,7 @@ def test_treatment_means_by_hand():
 def test_foe_map_recall_by_hand():
     rows = [
         ("P1", "A01", "t1", "trt", "x", 0),
-        ("P1", "A02", "t2", "trt", "x", 10),
+        ("P1", "A02", "t2", "trt", "x|z", 10),  # z is no one else's: t2 ~ t1 only
         ("P1", "A03", "t3", "trt", "y", 90),
         ("P1", "A04", "t4", "trt", "y", 200),
         ("P1", "A05", "ctl", "negcon", "x", 170),
@@ -304,6 +326,7 @@ def test_foe_map_recall_by_hand():
     wells = wells_table(rows)
     wells.loc[6, FEATURES] = [3.0, 0.0]
     table = evaluate.foe_map_recall(wells, FEATURES)
+    assert list(table.columns[:6]) == [*evaluate.TREATMENT_COLUMNS, "n_wells", "n_same_moa"]
     assert table["Metadata_TreatmentId"].tolist() == ["t1", "t2", "t3", "t4"]
     assert table["n_wells"].tolist() == [2, 1, 1, 1]
     assert table["n_same_moa"].tolist() == [1, 1, 1, 1]
@@ -323,12 +346,51 @@ def test_foe_map_recall_by_hand():
     np.testing.assert_allclose(table["foe_p_value"], [1 / 3, 1 / 3, 1.0, 1 / 3], atol=1e-12)
     assert not table["foe_significant_holm_sidak"].any()
     assert table.attrs["note"] == ""
+    # Threshold: 99th percentile of the 3 other cosines (linear, at index .99 * 2 = 1.98 of the sorted):
+    #   t1: cos 10, 90, 160 -> 0 + .98 (cos 10 - 0);   t2: cos 10, 80, 170 -> cos 80 + .98 (cos 10 - cos 80)
+    #   t3: cos 80, 90, 110 -> 0 + .98 cos 80;         t4: cos 110, 160, 170 -> cos 160 + .98 (cos 110 - cos 160)
+    c = lambda deg: np.cos(np.deg2rad(deg))  # noqa: E731
+    np.testing.assert_allclose(
+        table["foe_threshold"],
+        [0.98 * c(10), c(80) + 0.98 * (c(10) - c(80)), 0.98 * c(80), c(160) + 0.98 * (c(110) - c(160))],
+        atol=1e-9,
+    )
+    # Odds ratio v11 v22 / (v12 v21): 1*2/0 = inf for t1, t2, t4 (published code: v22 = 2 instead);
+    # t3: 0*1/(1*1) = 0.
+    np.testing.assert_array_equal(table["foe_odds_ratio"], [np.inf, np.inf, 0.0, np.inf])
+    np.testing.assert_array_equal(table["foe_odds_ratio_published"], [2.0, 2.0, 0.0, 2.0])
+    # Holm-Sidak at alpha 0.9 over the 4 queries: sorted p 1/3, 1/3, 1/3, 1 against 1 - 0.1^(1/m) for
+    # m = 4, 3, 2, 1: .438, .536, .684, .9 -> the three p = 1/3 are rejected, t3's p = 1 is not.
+    lenient = evaluate.foe_map_recall(wells, FEATURES, alpha=0.9)
+    assert lenient["foe_significant_holm_sidak"].tolist() == [True, True, False, True]
+    assert lenient["foe_significant_holm_sidak"].dtype == bool
+
+
+def test_foe_map_recall_options_reach_the_metrics():
+    # sep ';' (t2 'x;z' shares x with t1), the median instead of the 99th percentile, Recall@50%.
+    rows = [
+        ("P1", "A01", "t1", "trt", "x", 0),
+        ("P1", "A02", "t2", "trt", "x;z", 10),
+        ("P1", "A03", "t3", "trt", "y", 90),
+        ("P1", "A04", "t4", "trt", "y", 200),
+    ]
+    table = evaluate.foe_map_recall(
+        wells_table(rows), FEATURES, sep=";", percentile=50, recall_percents=(50,)
+    )
+    assert table["n_same_moa"].tolist() == [1, 1, 1, 1]
+    # medians of the 3 other cosines: t1 cos 90 = 0, t2 cos 80, t3 cos 90 = 0, t4 cos 160
+    c = lambda deg: np.cos(np.deg2rad(deg))  # noqa: E731
+    np.testing.assert_allclose(table["foe_threshold"], [0.0, c(80), 0.0, c(160)], atol=1e-9)
+    # Recall@50%: n = int(4 * 50 / 100) = 2 neighbours; one hit each except t3 (t2, t1: no y) -> / 2
+    assert [c for c in table.columns if c.startswith("recall_")] == ["recall_top50pct"]
+    np.testing.assert_allclose(table["recall_top50pct"], [0.5, 0.5, 0.0, 0.5])
 
 
 def test_foe_map_recall_says_why_it_is_empty():
     rows = [("P1", "A01", "t1", "trt", "x", 0), ("P1", "A02", "ctl", "negcon", "x", 10)]
     table = evaluate.foe_map_recall(wells_table(rows), FEATURES)
     assert table.empty and table.attrs["note"] == evaluate.NOTE_FEW_ANNOTATED
+    assert list(table.columns) == [*evaluate.TREATMENT_COLUMNS, "n_wells", "n_same_moa"]
     # two annotated treatments with no MoA in common: a table, but no query
     rows = [("P1", "A01", "t1", "trt", "x", 0), ("P1", "A02", "t2", "trt", "y", 10)]
     table = evaluate.foe_map_recall(wells_table(rows), FEATURES)
