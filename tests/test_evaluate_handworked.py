@@ -131,6 +131,32 @@ def test_sampled_pvalue_of_a_middling_map_counts_strictly_greater_null_draws():
     assert 0.45 < p < 0.55  # binomial(2000, 1/2) / 2001: 5 sd is 0.056 wide
 
 
+def test_copairs_null_is_copairs_own_result():
+    # null="copairs" hands the AP table to copairs' mean_average_precision (the reference): the same
+    # p-values for the same seed; its per-group row lists ('indices') are not part of our table.
+    import copairs.map as copairs_map
+
+    table = ap_rows([("a", 1.0, 1, 2), ("a", 0.5, 1, 3), ("b", 0.25, 1, 2), ("b", 0.75, 1, 3)])
+    ours = evaluate._map_with_pvalues(table, "group", null_size=50, threshold=0.05, seed=3, null="copairs")
+    reference = copairs_map.mean_average_precision(
+        table.assign(normalized_average_precision=0.0),
+        ["group"],
+        null_size=50,
+        threshold=0.05,
+        seed=3,
+        progress_bar=False,
+    )
+    assert "indices" not in ours.columns and (ours["null"] == "copairs").all()
+    np.testing.assert_allclose(
+        ours["mean_average_precision"], [0.75, 0.5], atol=1e-12
+    )  # (1 + .5)/2, (.25 + .75)/2
+    np.testing.assert_allclose(ours["p_value"], reference["p_value"], rtol=0, atol=0)
+    np.testing.assert_allclose(ours["corrected_p_value"], reference["corrected_p_value"], rtol=0, atol=0)
+    # the sampled null is the same distribution drawn otherwise: other p-values for the same seed
+    sampled = evaluate._map_with_pvalues(table, "group", null_size=50, threshold=0.05, seed=3, null="sampled")
+    assert not np.allclose(sampled["p_value"], reference["p_value"])
+
+
 def test_unknown_null_method_is_rejected():
     with pytest.raises(evaluate.ConfigError, match="null distribution"):
         evaluate._map_with_pvalues(

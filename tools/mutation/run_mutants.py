@@ -376,8 +376,15 @@ def known_survivor(module: str, key: str, diff: str, survivors: list[dict]) -> d
     """The [[survivor]] entry whose module, function and mutated ('+') line match this survivor."""
     function = key.partition("__mutmut_")[0].rpartition(".")[2]
     added = [line[1:].strip() for line in diff.splitlines() if line.startswith("+")]
+    removed = [line[1:].strip() for line in diff.splitlines() if line.startswith("-")]
     for entry in survivors:
-        if entry["module"] == module and entry["function"] == function and entry["mutation"].strip() in added:
+        if entry["module"] != module or entry["function"] != function:
+            continue
+        # 'removed' (a '-' line) names mutants that delete an argument line and add nothing telling
+        if "mutation" not in entry:
+            if entry["removed"].strip() in removed and not added:
+                return entry
+        elif entry["mutation"].strip() in added and entry.get("removed", "").strip() in removed + [""]:
             return entry
     return None
 
