@@ -108,6 +108,9 @@ def test_sampled_pvalues_by_hand():
     np.testing.assert_allclose(result["corrected_p_value"], [0.05, 1.0], rtol=0, atol=1e-12)
     assert result["below_p"].tolist() == [True, False]  # 0.025 < 0.05
     assert result["below_corrected_p"].tolist() == [False, False]  # 0.05 is not < 0.05
+    # 19 draws: a perfect mAP has p = 1/20 = 0.05 exactly, which is not below 0.05 either
+    result = evaluate._map_with_pvalues(table, "group", null_size=19, threshold=0.05, seed=3, null="sampled")
+    assert result["p_value"].iloc[0] == 0.05 and not result["below_p"].iloc[0]
 
 
 def test_groups_come_out_sorted_by_name():
