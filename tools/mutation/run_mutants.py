@@ -241,7 +241,11 @@ def rerun_survivors(module: Module, scratch: Path, log_path: Path) -> None:
     by the checkout's, and mutmut collects coverage for the tests it has not seen, so a new test
     kills what it touches without re-running every mutant (hours for a big module).
     """
+    _, _, known = load_config()
     names = last_survivors(module, scratch)
+    diffs = mutant_diffs(scratch, module, names)
+    # known equivalent/accepted survivors would run every test that touches them again, for nothing
+    names = [key for key in names if not known_survivor(module.name, key, diffs[key], known)]
     if not names:
         print("  no survivors to rerun")
         return
