@@ -728,6 +728,9 @@ def test_reachability_check_asks_the_right_host_once_with_a_short_timeout(monkey
         asked.append((address, timeout))
         raise OSError("network unreachable (test)")
 
+    import dataclasses
+
+    real_cfg = timm.models.get_pretrained_cfg("resnet10t")
     monkeypatch.setattr(socket, "create_connection", offline)
     with pytest.raises(
         ConfigError, match=r"huggingface\.co cannot be reached \(network unreachable \(test\)\)"
@@ -735,6 +738,12 @@ def test_reachability_check_asks_the_right_host_once_with_a_short_timeout(monkey
         _require_reachable("resnet10t")
     assert asked == [(("huggingface.co", 443), 3.0)]
     monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: None)
+    with pytest.raises(ConfigError, match=r"and download\.pytorch\.org cannot be reached"):
+        _require_reachable("resnet10t")
+    assert asked[-1] == (("download.pytorch.org", 443), 3.0)
+    # a pretrained config without a Hub id (weights hosted by pytorch.org) also asks pytorch.org
+    no_hub_id = dataclasses.replace(real_cfg, hf_hub_id=None)
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: no_hub_id)
     with pytest.raises(ConfigError, match=r"and download\.pytorch\.org cannot be reached"):
         _require_reachable("resnet10t")
     assert asked[-1] == (("download.pytorch.org", 443), 3.0)
