@@ -272,3 +272,90 @@ def test_consensus_by_hand():
     wells.loc[4, "Metadata_moa"] = "other"
     with pytest.raises(DataError, match="treatment id 'b' has wells with different"):
         profiles.consensus_profiles(wells, ["f"], "median")
+
+
+def test_step_defaults_are_the_documented_ones_and_pycytominers():
+    # The defaults of the profile steps are the config schema's (config/README.md), which are
+    # pycytominer's own defaults: three independent places that must agree.
+    import inspect
+    import warnings
+    from pathlib import Path
+
+    import yaml
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pycytominer
+
+    ours = {k: v.default for k, v in inspect.signature(profiles.select_features).parameters.items()}
+    theirs = {k: v.default for k, v in inspect.signature(pycytominer.feature_select).parameters.items()}
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    documented = schema["properties"]["profiles"]["properties"]
+    for key in ("na_cutoff", "corr_threshold", "freq_cut", "unique_cut", "outlier_cutoff"):
+        assert ours[key] == theirs[key] == documented[key]["default"], key
+    ours = {k: v.default for k, v in inspect.signature(profiles.normalize_profiles).parameters.items()}
+    theirs = {k: v.default for k, v in inspect.signature(pycytominer.normalize).parameters.items()}
+    assert ours["mad_epsilon"] == theirs["mad_robustize_epsilon"] == 1e-18
+    assert ours["spherize_method"] == theirs["spherize_method"] == "ZCA-cor"
+    assert ours["spherize_epsilon"] == theirs["spherize_epsilon"] == 1e-6
+    assert ours["method"] == "mad_robustize"  # DESIGN.md §5: robust z-scores against the controls
+    assert inspect.signature(profiles.consensus_profiles).parameters["operation"].default == "median"
+    assert inspect.signature(profiles.aggregate_wells).parameters["operation"].default == "median"
+
+
+def test_selection_thresholds_reach_pycytominer():
+    n = 40
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal(n)
+    wells = pd.DataFrame({"Metadata_Plate": ["P1"] * n, "Metadata_Well": [f"W{k}" for k in range(n)]})
+    wells["a"] = base
+    wells["near_a"] = base + 0.5 * rng.standard_normal(n)  # correlation about 0.9: kept at 0.99, not at 0.5
+    wells["other"] = rng.standard_normal(n)
+    wells["spike"] = rng.standard_normal(n)
+    wells.loc[7, "spike"] = 50.0  # above an outlier cutoff of 10, far below the default 500
+    features = ["a", "near_a", "other", "spike"]
+    _, kept = profiles.select_features(
+        wells, features, ["drop_na_columns", "correlation_threshold"], corr_threshold=0.99
+    )
+    assert kept == features
+    _, kept = profiles.select_features(
+        wells, features, ["drop_na_columns", "correlation_threshold"], corr_threshold=0.5
+    )
+    assert ("a" in kept) != ("near_a" in kept) and {"other", "spike"} <= set(kept)
+    _, kept = profiles.select_features(wells, features, ["drop_na_columns", "drop_outliers"])
+    assert kept == features
+    _, kept = profiles.select_features(
+        wells, features, ["drop_na_columns", "drop_outliers"], outlier_cutoff=10.0
+    )
+    assert kept == ["a", "near_a", "other"]
+    # (na_cutoff cannot be seen from outside: a feature left with any NaN is dropped after selection)
+
+
+def test_consensus_checks_every_treatment_column():
+    wells = pd.DataFrame(
+        {
+            "Metadata_TreatmentId": ["a", "a"],
+            "Metadata_Treatment": ["A", "A"],
+            "Metadata_pert_type": ["trt", "trt"],
+            "Metadata_moa": ["m", "m"],
+            "f": [1.0, 3.0],
+        }
+    )
+    assert profiles.consensus_profiles(wells, ["f"]).loc[0, "f"] == 2.0  # median of 1, 3 (default)
+    for column, other in (
+        ("Metadata_Treatment", "B"),
+        ("Metadata_pert_type", "negcon"),
+        ("Metadata_moa", None),
+    ):
+        bad = wells.copy()
+        bad.loc[1, column] = other  # a missing MoA on one well counts as a different value too
+        with pytest.raises(DataError, match=r"^treatment id 'a' has wells with different"):
+            profiles.consensus_profiles(bad, ["f"])
+
+
+def test_group_counts_come_in_sorted_order():
+    wells = pd.DataFrame(
+        {"Metadata_Plate": ["P3", "P1", "P2"], "Metadata_pert_type": ["negcon"] * 3, "B": ["z", "x", "y"]}
+    )
+    assert list(profiles.controls_per_plate(wells)) == ["P1", "P2", "P3"]
+    assert list(profiles._controls_per_group(wells, "B")) == ["x", "y", "z"]
