@@ -182,6 +182,28 @@ def test_standardize_per_batch_by_hand():
     np.testing.assert_allclose(out["f"], [-1.0, 1.0, -1.0, 1.0, -0.2, -0.6], atol=1e-12)
 
 
+def test_auto_scope_follows_the_plan():
+    # 2 controls per plate: fewer than the default 16 -> pooled; with a minimum of 2 -> per plate.
+    wells = norm_wells()
+    pooled = profiles.normalize_profiles(wells, ["f", "g"], "standardize", scope="auto")
+    np.testing.assert_allclose(pooled["f"], np.array([-6, 4, -4, 6, -2, -2]) / np.sqrt(26), atol=1e-12)
+    per_plate = profiles.normalize_profiles(
+        wells, ["f", "g"], "standardize", scope="auto", min_controls_per_plate=2
+    )
+    np.testing.assert_allclose(per_plate["f"], [-1.0, -1.0, 1.0, 1.0, 3.0, -7.0], atol=1e-12)
+    # per batch when plates are short but batches are not: a third plate with one control per batch
+    wells.loc[len(wells)] = ["P3", "A01", "negcon", "x", 21.0, 42.0]
+    wells.loc[len(wells)] = ["P3", "A02", "negcon", "y", 23.0, 46.0]
+    by_batch = profiles.normalize_profiles(
+        wells, ["f"], "standardize", scope="auto", batch_column="Metadata_Batch", min_controls_per_plate=3
+    )
+    # every plate has 2 controls (< 3), every batch 3: batch x controls 1, 11, 21 (mean 11), batch y
+    # 3, 13, 23 (mean 13), both with population std sqrt(200/3)
+    s = np.sqrt(200 / 3)
+    expected = (np.array([1, 11, 3, 13, 5, 5, 21, 23]) - np.array([11, 11, 13, 13, 11, 13, 11, 13])) / s
+    np.testing.assert_allclose(by_batch["f"], expected, atol=1e-12)
+
+
 def test_mad_robustize_per_plate_by_hand():
     wells = norm_wells()
     wells.loc[len(wells)] = ["P1", "A03", "negcon", "x", 2.0, 4.0]  # P1 controls 1, 3, 2: median 2, MAD 1
