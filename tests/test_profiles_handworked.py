@@ -100,6 +100,13 @@ def test_aggregate_wells_by_hand():
         profiles.aggregate_wells(sites, ["f", "g"], "mode")
 
 
+def test_one_site_per_well_still_drops_the_site_number():
+    # with one site per well Metadata_Site is constant within every well, but it describes a site
+    sites = well_sites().drop(index=[2, 3])
+    wells = profiles.aggregate_wells(sites, ["f", "g"])
+    assert "Metadata_Site" not in wells.columns and wells["Metadata_n_sites"].tolist() == [1, 1, 1]
+
+
 def test_a_well_with_two_pert_types_is_an_error_naming_it():
     sites = well_sites()
     sites.loc[2, "Metadata_pert_type"] = "negcon"
