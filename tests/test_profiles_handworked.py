@@ -165,6 +165,7 @@ def norm_wells() -> pd.DataFrame:
 
 def test_standardize_per_plate_by_hand():
     out = profiles.normalize_profiles(norm_wells(), ["f", "g"], "standardize", scope="plate")
+    assert list(out.columns) == list(norm_wells().columns)  # no extra column (it would count as a feature)
     # P1: (x - 2)/1; P2: (x - 12)/1; g = 2f gives the same z-scores
     expected = [-1.0, -1.0, 1.0, 1.0, 3.0, -7.0]
     np.testing.assert_allclose(out["f"], expected, atol=1e-12)
@@ -175,6 +176,7 @@ def test_standardize_per_plate_by_hand():
 
 def test_standardize_pooled_by_hand():
     out = profiles.normalize_profiles(norm_wells(), ["f", "g"], "standardize", scope="pooled")
+    assert list(out.columns) == list(norm_wells().columns)  # no extra column (it would count as a feature)
     # controls 1, 11, 3, 13: mean 7, population std sqrt((36 + 16 + 16 + 36)/4) = sqrt(26)
     s = np.sqrt(26)
     np.testing.assert_allclose(out["f"], np.array([-6, 4, -4, 6, -2, -2]) / s, atol=1e-12)
