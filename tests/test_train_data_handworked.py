@@ -147,6 +147,7 @@ def cfg(**options) -> TrainConfig:
         (3, 0.1, 1),  # round(0.3) = 0 -> at least one
         (2, 0.9, 1),  # round(1.8) = 2 -> never all: 2 - 1
         (4, 0.5, 2),
+        (10, 0.9, 9),  # 9 of 10 drawn with replacement would repeat a plate almost surely (p = .9964)
     ],
 )
 def test_plate_split_sizes(n_plates, fraction, n_val):
@@ -194,6 +195,9 @@ def test_treatment_split_never_takes_controls():
             )
             == 1
         )
+    many = items(["P1"] * 11, ["dmso"] + [f"t{k}" for k in range(10)], ["negcon"] + ["trt"] * 10)
+    val = _treatment_split(many, cfg(split="treatment", val_fraction=0.9), np.random.default_rng(0))
+    assert len(set(val)) == 9  # drawn without replacement
     one = items(["P1"] * 3, ["dmso", "a", "a"], ["negcon", "trt", "trt"])
     with pytest.raises(ConfigError, match=r"at least 2 non-control treatments, got \['a'\]"):
         _treatment_split(one, cfg(split="treatment"), np.random.default_rng(0))
@@ -232,7 +236,8 @@ def merged_table() -> pd.DataFrame:
         ("P1", "A02", 1, 8.0, 30.0, 5.0, np.nan),
         ("P2", "A01", 1, 5.0, 50.0, 9.0, np.nan),
     ]
-    return pd.DataFrame(rows, columns=SITE_KEYS + ["f", "g", "const", "empty"])
+    table = pd.DataFrame(rows, columns=SITE_KEYS + ["f", "g", "const", "empty"])
+    return table.assign(_row=[0, 1, 2, 3, 4])  # the two cells of a site are different items
 
 
 def test_standardize_targets_by_hand():
@@ -256,6 +261,17 @@ def test_standardize_targets_by_hand():
     )
     assert z.dtype == np.float32
     np.testing.assert_allclose(z, expected, rtol=1e-6)
+
+
+def test_infinite_targets_of_validation_sites_become_zero():
+    merged = pd.DataFrame(
+        [("P1", "A01", 1, 0.0), ("P1", "A02", 1, 2.0), ("P2", "A01", 1, np.inf), ("P2", "A02", 1, -np.inf)],
+        columns=SITE_KEYS + ["f"],
+    )
+    z, mean, std = _standardize_targets(merged, ["f"], np.array([False, False, True, True]))
+    np.testing.assert_array_equal(mean, [1.0]) and np.testing.assert_array_equal(std, [1.0])
+    # training 0, 2: mean 1, std 1 -> -1, 1; +-inf (validation) -> 0 rather than +-inf or a huge number
+    np.testing.assert_array_equal(z[:, 0], [-1.0, 1.0, 0.0, 0.0])
 
 
 def test_raw_targets_when_not_standardized():
@@ -341,5 +357,36 @@ def test_a_constant_target_gets_std_zero_and_too_few_training_items_are_an_error
     data = load_training_data(tiles, ["P1", "P2"], targets, cfg(level="site", val_plates=["P2"]), seed=0)
     np.testing.assert_array_equal(data.target_std, [0.0])  # inf (constant on training) is stored as 0
     np.testing.assert_array_equal(data.targets[:, 0], [0.0, 0.0, 0.0])
+    assert (data.split_info["n_train"], data.split_info["n_validation"]) == (2, 1)
+    raw = load_training_data(
+        tiles, ["P1", "P2"], targets, cfg(level="site", val_plates=["P2"], standardize_targets=False), seed=0
+    )
+    np.testing.assert_array_equal(raw.targets[:, 0], [4.0, 4.0, 6.0])
+    # a site without a target row: an error by default, left out and counted with missing_targets: skip
+    with pytest.raises(DataError, match=r"1 site\(s\) have no regression target row"):
+        load_training_data(
+            tiles, ["P1", "P2"], targets.iloc[:2], cfg(level="site", val_plates=["P1"]), seed=0
+        )
+    skipped = load_training_data(
+        tiles,
+        ["P1", "P2"],
+        targets.iloc[1:],
+        cfg(level="site", val_fraction=0.0, missing_targets="skip"),
+        seed=0,
+    )
+    assert skipped.split_info["n_without_target"] == 1 and skipped.plate_of.tolist() == ["P1", "P2"]
     with pytest.raises(DataError, match=r"only 1 training item\(s\) after the plate split; need at least 2"):
         load_training_data(tiles, ["P1", "P2"], targets, cfg(level="site", val_plates=["P1"]), seed=0)
+
+
+def test_the_seed_chooses_the_validation_plates(tmp_path):
+    tiles = tmp_path / "tiles"
+    plates = [f"P{k}" for k in range(6)]
+    for plate in plates:
+        write_plate(tiles, plate, [("A01", 1)], ["drug"])
+    targets = pd.DataFrame([(p, "A01", 1, float(k)) for k, p in enumerate(plates)], columns=SITE_KEYS + ["f"])
+    options = cfg(level="site", val_fraction=0.5)  # 3 of 6 plates: C(6, 3) = 20 possible splits
+    first = load_training_data(tiles, plates, targets, options, seed=7).split_info["validation"]
+    again = load_training_data(tiles, plates, targets, options, seed=7).split_info["validation"]
+    table = pd.DataFrame({"Metadata_Plate": plates, "_label": ["drug"] * 6})
+    assert first == again == choose_validation(table, options, seed=7)[1]["validation"]
