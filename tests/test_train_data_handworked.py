@@ -67,12 +67,10 @@ def test_plate_file_finds_the_one_folder_that_has_it(tmp_path):
 
 
 def test_normalise_keys_makes_one_type_per_key():
-    df = pd.DataFrame(
-        {"Metadata_Plate": [1, 2], "Metadata_Well": ["A01", "B02"], "Metadata_Site": ["3", "10"]}
-    )
+    df = pd.DataFrame({"Metadata_Plate": [1, 2], "Metadata_Well": [101, 202], "Metadata_Site": ["3", "10"]})
     out = normalise_keys(df)
     assert out["Metadata_Plate"].tolist() == ["1", "2"]
-    assert out["Metadata_Well"].tolist() == ["A01", "B02"]
+    assert out["Metadata_Well"].tolist() == ["101", "202"]  # numbered wells become strings too
     assert out["Metadata_Site"].tolist() == [3, 10] and out["Metadata_Site"].dtype == np.int64
     assert df["Metadata_Site"].tolist() == ["3", "10"]  # the caller's table is left alone
 
