@@ -191,3 +191,5 @@ def test_corrected_plane_divides_by_the_function(tmp_path):
         corrected_plane(path, np.ones((3, 3), np.float32))  # the function's size is the plate's
     with pytest.raises(ImageError, match=r"a\.tif"):
         corrected_plane(path, None, shape=(2, 3))
+    with pytest.raises(ImageError, match=r"a\.tif"):  # a 16-bit image on a plate of 8-bit ones
+        corrected_plane(path, function, dtype=np.uint8)
