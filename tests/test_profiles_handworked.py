@@ -390,3 +390,24 @@ def test_group_counts_come_in_sorted_order():
     )
     assert list(profiles.controls_per_plate(wells)) == ["P1", "P2", "P3"]
     assert list(profiles._controls_per_group(wells, "B")) == ["x", "y", "z"]
+
+
+def test_auto_scope_spheres_on_the_pooled_controls():
+    # Sphering estimates a covariance matrix: 'auto' fits it on all plates' controls together even
+    # when every plate has enough controls for a per-plate robust z-score (normalization_plan).
+    rng = np.random.default_rng(3)
+    rows = [(p, f"C{k}", "negcon") for p in ("P1", "P2") for k in range(6)] + [
+        ("P1", "T1", "trt"),
+        ("P2", "T1", "trt"),
+    ]
+    wells = pd.DataFrame(rows, columns=["Metadata_Plate", "Metadata_Well", "Metadata_pert_type"])
+    wells[["f", "g"]] = rng.standard_normal((len(wells), 2)) + np.where(
+        wells[["Metadata_Plate"]] == "P2", 3.0, 0.0
+    )
+    auto = profiles.normalize_profiles(wells, ["f", "g"], "spherize", scope="auto", min_controls_per_plate=2)
+    pooled = profiles.normalize_profiles(wells, ["f", "g"], "spherize", scope="pooled")
+    per_plate = profiles.normalize_profiles(wells, ["f", "g"], "spherize", scope="plate")
+    pd.testing.assert_frame_equal(auto, pooled)
+    assert not np.allclose(
+        auto[profiles.feature_columns(auto)], per_plate[profiles.feature_columns(per_plate)]
+    )
