@@ -43,9 +43,11 @@ $(MUTANTS_STAMP): pyproject.toml $(STAMP)
 
 # Mutation testing (slow, CPU-heavy, one worker, not in CI): score per module, survivors with diffs.
 # One module or a few:  make mutants MODULES="metrics io"   (modules: tools/mutation/mutants.toml)
+# Options of run_mutants.py:  make mutants MODULES=tiles MUTANTS_ARGS=--before  (then --rerun-survivors)
 MODULES ?=
+MUTANTS_ARGS ?=
 mutants: $(MUTANTS_STAMP)
-	nice -n 15 $(BIN)/python tools/mutation/run_mutants.py $(MODULES)
+	nice -n 15 $(BIN)/python tools/mutation/run_mutants.py $(MUTANTS_ARGS) $(MODULES)
 
 clean:
 	rm -rf results .snakemake

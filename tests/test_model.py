@@ -191,6 +191,15 @@ def test_central_difference_conv_by_hand(theta, expected):
     torch.testing.assert_close(y[0, 0], torch.tensor(expected), rtol=0, atol=1e-5)
 
 
+def test_central_difference_conv_defaults_are_the_first_branchs():
+    # A bare CentralDifferenceConv2d is the gradient encoder's first branch: 3x3, stride 2, padding 1,
+    # theta 0.7 (the paper's theta_1; CDC-Net's usual value), no bias (none in the published checkpoint).
+    cdc = CentralDifferenceConv2d(5, 3)
+    assert cdc.theta == 0.7 and cdc.conv.bias is None
+    assert (cdc.conv.kernel_size, cdc.conv.stride, cdc.conv.padding) == ((3, 3), (2, 2), (1, 1))
+    assert cdc.extra_repr() == "theta=0.7"
+
+
 def test_central_difference_sums_the_kernel_over_channels_per_output():
     # A second input channel of ones with an all-ones kernel (sum 9): its plain response is the number
     # of in-image taps, 4 at every output (2x2 at each corner); its difference term 0.25 * 9 * 1.
@@ -500,6 +509,11 @@ def test_pretrained_weights_in_the_hugging_face_cache_load_offline(tmp_path, mon
     else:
         torch.save(state, snapshot / filename)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+
+    def no_hub(*args, **kwargs):  # the cached file is read directly: timm must not ask the Hub
+        raise AssertionError(f"Hub download attempted: {args} {kwargs}")
+
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", no_hub)
     backbone = create_backbone("resnet10t", pretrained=True).eval()
     assert torch.equal(backbone.layer4[0].conv1.weight, source.layer4[0].conv1.weight)
     with torch.no_grad():  # still a feature extractor: pooled features, no ImageNet classifier
@@ -671,3 +685,124 @@ def test_zero_weight_loss_gives_no_gradient():
     assert torch.isclose(parts["loss"], parts["mse"])
     assert not parts["ce"].requires_grad and not parts["contrastive"].requires_grad  # reported, detached
     assert float(parts["ce"]) > 0 and float(parts["contrastive"]) > 0
+
+
+# ----------------------------------------------------------------------------- reaching the weights
+
+
+def test_a_hub_id_with_a_revision_finds_the_cached_repo(tmp_path, monkeypatch):
+    # timm writes a pinned Hub revision as 'repo@revision' (timm.models._hub.hf_split); the cache is
+    # laid out by repo name, so the revision must be cut off before looking there.
+    import dataclasses
+
+    import huggingface_hub.constants
+    import timm
+
+    from phenoprofiler_core.model import _cached_weights
+
+    repo = tmp_path / "models--timm--resnet10t.c3_in1k"
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd" / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    real_cfg = timm.models.get_pretrained_cfg("resnet10t")
+    pinned = dataclasses.replace(real_cfg, hf_hub_id="timm/resnet10t.c3_in1k@0123abcd")
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: pinned)
+    assert _cached_weights("resnet10t") == str(repo / "snapshots" / "0123abcd" / "model.safetensors")
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: None)  # no pretrained config
+    assert _cached_weights("resnet10t") is None
+
+
+def test_reachability_check_asks_the_right_host_once_with_a_short_timeout(monkeypatch):
+    # No network here: a stand-in for socket.create_connection records what would be asked and
+    # fails as an offline machine does.  Weights on the Hub -> huggingface.co; timm models without a
+    # Hub id download from download.pytorch.org.  Port 443 (https), 3 s: fail fast, not hang.
+    import timm
+
+    from phenoprofiler_core.model import _require_reachable
+
+    asked = []
+
+    def offline(address, timeout=None):
+        asked.append((address, timeout))
+        raise OSError("network unreachable (test)")
+
+    import dataclasses
+
+    real_cfg = timm.models.get_pretrained_cfg("resnet10t")
+    monkeypatch.setattr(socket, "create_connection", offline)
+    with pytest.raises(
+        ConfigError, match=r"huggingface\.co cannot be reached \(network unreachable \(test\)\)"
+    ):
+        _require_reachable("resnet10t")
+    assert asked == [(("huggingface.co", 443), 3.0)]
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: None)
+    with pytest.raises(ConfigError, match=r"and download\.pytorch\.org cannot be reached"):
+        _require_reachable("resnet10t")
+    assert asked[-1] == (("download.pytorch.org", 443), 3.0)
+    # a pretrained config without a Hub id (weights hosted by pytorch.org) also asks pytorch.org
+    no_hub_id = dataclasses.replace(real_cfg, hf_hub_id=None)
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: no_hub_id)
+    with pytest.raises(ConfigError, match=r"and download\.pytorch\.org cannot be reached"):
+        _require_reachable("resnet10t")
+    assert asked[-1] == (("download.pytorch.org", 443), 3.0)
+
+    class Connection:  # reachable: the check returns quietly
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: Connection())
+    assert _require_reachable("resnet10t") is None
+
+
+class _Reachable:
+    """What socket.create_connection returns when the host answers (a context manager)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_weights_from_the_hub_when_it_answers_and_a_clear_error_when_it_fails(tmp_path, monkeypatch):
+    # No network here: stand-ins for the reachable host and for timm's Hub download.  When the Hub
+    # hands over the weights file they are loaded into a feature extractor; when the download fails,
+    # a ConfigError says what failed and what to set instead.
+    import huggingface_hub.constants
+    import timm
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: _Reachable())
+    torch.manual_seed(5)
+    source = timm.create_model("resnet10t")
+    weights = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    asked = []
+
+    def hub(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        return str(weights)
+
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", hub)
+    backbone = create_backbone("resnet10t", pretrained=True, in_chans=3).eval()
+    assert asked == [("timm/resnet10t.c3_in1k", "model.safetensors")]
+    assert torch.equal(backbone.layer4[0].conv1.weight, source.layer4[0].conv1.weight)
+    with torch.no_grad():  # a feature extractor: pooled features, no ImageNet classifier
+        assert backbone(torch.rand(1, 3, 32, 32)).shape == (1, backbone.num_features)
+
+    def hub_down(repo_id, filename, **kwargs):
+        raise OSError("503 from the Hub (test)")
+
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", hub_down)
+    with pytest.raises(
+        ConfigError,
+        match=r"^model\.pretrained: could not get pretrained weights for timm model 'resnet10t' \(OSError: 503 "
+        r"from the Hub \(test\)\); set model\.pretrained_file to a local weights file or model\.pretrained: false$",
+    ):
+        create_backbone("resnet10t", pretrained=True)

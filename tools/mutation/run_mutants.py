@@ -4,6 +4,9 @@
     make mutants MODULES="metrics io"     # some of them
     python tools/mutation/run_mutants.py metrics --no-planted      # mutmut only
     python tools/mutation/run_mutants.py model --planted-only      # the hand-planted bugs only
+    python tools/mutation/run_mutants.py model --rerun-survivors   # last run's survivors, current tests
+    python tools/mutation/run_mutants.py tiles --before            # score without the *_handworked.py tests;
+                                                                   # then --rerun-survivors adds them
 
 Two kinds of mutants, each run against the fast suite (``-m "not slow"``) restricted to the test
 files that concern the module (``mutants.toml``):
@@ -146,10 +149,11 @@ def functions_in_scope(module: Module, root: Path = REPO) -> list[str]:
 
 
 def existing_tests(module: Module, root: Path = REPO) -> list[str]:
-    missing = [t for t in module.tests if not (root / t).exists()]
+    """The module's test files (or ``file::test`` node ids, to leave out a file's slow tests) that exist."""
+    missing = [t for t in module.tests if not (root / t.partition("::")[0]).exists()]
     if missing:
         print(f"  note: test file(s) not present, left out: {missing}")
-    tests = [t for t in module.tests if (root / t).exists()]
+    tests = [t for t in module.tests if (root / t.partition("::")[0]).exists()]
     if not tests:
         raise SystemExit(f"module {module.name}: none of its test files exist: {module.tests}")
     return tests
@@ -216,16 +220,91 @@ def mutmut_bin() -> str:
     return found
 
 
-def run_mutmut(module: Module, survivors: list[dict], *, report_only: bool = False) -> Outcome:
+def last_survivors(module: Module, scratch: Path) -> list[str]:
+    """Mutant names (package.module.x_func__mutmut_N) that survived or had no tests in the last run."""
+    meta = scratch / "mutants" / (module.source + ".meta")
+    if not meta.exists():
+        raise SystemExit(f"no earlier mutmut run of {module.name} to rerun ({meta} missing)")
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    in_scope = {f"{PACKAGE}.{module.name}.{name}" for name in functions_in_scope(module)}
+    return [
+        key
+        for key, code in codes.items()
+        if code in SURVIVED_CODES | NO_TESTS_CODES and key.partition("__mutmut_")[0] in in_scope
+    ]
+
+
+def rerun_survivors(module: Module, scratch: Path, log_path: Path) -> None:
+    """Run the last run's survivors again against the checkout's current tests.
+
+    The scratch folder is kept (mutants, coverage stats, the other verdicts); its tests are replaced
+    by the checkout's, and mutmut collects coverage for the tests it has not seen, so a new test
+    kills what it touches without re-running every mutant (hours for a big module).
+    """
+    _, _, known = load_config()
+    names = last_survivors(module, scratch)
+    diffs = mutant_diffs(scratch, module, names)
+    # known equivalent/accepted survivors would run every test that touches them again, for nothing
+    names = [key for key in names if not known_survivor(module.name, key, diffs[key], known)]
+    if not names:
+        print("  no survivors to rerun")
+        return
+    tests = existing_tests(module)
+    pyproject = (
+        without_mutmut_table((REPO / "pyproject.toml").read_text()) + "\n" + mutmut_table(module, tests)
+    )
+    (scratch / "pyproject.toml").write_text(pyproject)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    shutil.copytree(REPO / "tests", scratch / "tests", ignore=ignore, dirs_exist_ok=True)
+    print(f"  rerunning {len(names)} survivors of {module.source}, tests: {' '.join(tests)}")
+    start = time.monotonic()
+    with open(log_path, "a") as log:
+        code = subprocess.call(
+            [mutmut_bin(), "run", "--max-children", "1", *names],
+            cwd=scratch,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        )
+    print(f"  mutmut finished in {time.monotonic() - start:.0f} s (exit code {code})")
+
+
+def blank_handworked_tests(scratch: Path, tests: list[str]) -> list[str]:
+    """Empty the scratch copies of the module's ``*_handworked.py`` test files (no tests in them).
+
+    The test selection stays the same, so that ``--rerun-survivors`` can later bring the real files
+    back without mutmut treating it as a new configuration (which resets every verdict).
+    """
+    blanked = []
+    for test in tests:
+        path = test.partition("::")[0]
+        if path.endswith("_handworked.py"):
+            (scratch / path).write_text('"""Left empty for the score before these tests (--before)."""\n')
+            blanked.append(path)
+    return blanked
+
+
+def run_mutmut(
+    module: Module,
+    survivors: list[dict],
+    *,
+    report_only: bool = False,
+    rerun: bool = False,
+    before: bool = False,
+) -> Outcome:
     scratch = REPO / "mutants" / module.name / "mutmut"
     scope = functions_in_scope(module)
     log_path = scratch / "mutmut.log"
-    if not report_only:
+    if rerun:
+        rerun_survivors(module, scratch, log_path)
+    elif not report_only:
         tests = existing_tests(module)
         pyproject = (
             without_mutmut_table((REPO / "pyproject.toml").read_text()) + "\n" + mutmut_table(module, tests)
         )
         make_scratch(scratch, pyproject, repo_copy=scratch / "mutants")
+        if before:
+            print(f"  before the hand-worked tests: {blank_handworked_tests(scratch, tests)} left empty")
         patterns = [f"{PACKAGE}.{module.name}.{name}__mutmut_*" for name in scope]
         print(f"  mutmut on {module.source} ({len(scope)} functions in scope), tests: {' '.join(tests)}")
         print(f"  log: {log_path.relative_to(REPO)}", flush=True)
@@ -301,8 +380,15 @@ def known_survivor(module: str, key: str, diff: str, survivors: list[dict]) -> d
     """The [[survivor]] entry whose module, function and mutated ('+') line match this survivor."""
     function = key.partition("__mutmut_")[0].rpartition(".")[2]
     added = [line[1:].strip() for line in diff.splitlines() if line.startswith("+")]
+    removed = [line[1:].strip() for line in diff.splitlines() if line.startswith("-")]
     for entry in survivors:
-        if entry["module"] == module and entry["function"] == function and entry["mutation"].strip() in added:
+        if entry["module"] != module or entry["function"] != function:
+            continue
+        # 'removed' (a '-' line) names mutants that delete an argument line and add nothing telling
+        if "mutation" not in entry:
+            if entry["removed"].strip() in removed and not added:
+                return entry
+        elif entry["mutation"].strip() in added and entry.get("removed", "").strip() in removed + [""]:
             return entry
     return None
 
@@ -399,6 +485,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report", action="store_true", help="run nothing: score the last mutmut run of each module again"
     )
+    parser.add_argument(
+        "--before",
+        action="store_true",
+        help="leave the module's *_handworked.py test files empty (the score before them)",
+    )
+    parser.add_argument(
+        "--rerun-survivors",
+        action="store_true",
+        help="run only the last run's survivors again, against the current tests (after adding tests)",
+    )
     args = parser.parse_args(argv)
 
     modules, planted, survivors = load_config()
@@ -411,10 +507,12 @@ def main(argv: list[str] | None = None) -> int:
         module = modules[name]
         print(f"== {name}" + (f"  ({module.note})" if module.note else ""), flush=True)
         if not args.planted_only:
-            outcome = run_mutmut(module, survivors, report_only=args.report)
+            outcome = run_mutmut(
+                module, survivors, report_only=args.report, rerun=args.rerun_survivors, before=args.before
+            )
             print_outcome(outcome)
             outcomes.append(outcome)
-        if not args.no_planted and not args.report:
+        if not args.no_planted and not args.report and not args.rerun_survivors:
             outcome = run_planted(module, planted)
             if outcome is not None:
                 print_outcome(outcome)
