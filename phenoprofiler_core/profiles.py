@@ -67,6 +67,7 @@ SPHERIZE_METHODS = ("ZCA", "ZCA-cor", "PCA", "PCA-cor")
 FEATURE_SELECT_OPERATIONS = (
     "drop_na_columns",
     "variance_threshold",
+    "frequency_threshold",
     "correlation_threshold",
     "drop_outliers",
     "blocklist",
@@ -482,6 +483,7 @@ def select_features(
     *,
     na_cutoff: float = 0.05,
     corr_threshold: float = 0.9,
+    min_variance: float = 1e-6,
     freq_cut: float = 0.05,
     unique_cut: float = 0.01,
     outlier_cutoff: float = 500.0,
@@ -512,6 +514,7 @@ def select_features(
                 operation=operations,
                 na_cutoff=na_cutoff,
                 corr_threshold=corr_threshold,
+                min_variance=min_variance,
                 freq_cut=freq_cut,
                 unique_cut=unique_cut,
                 outlier_cutoff=outlier_cutoff,
@@ -591,6 +594,7 @@ def profile_steps(
     spherize_epsilon: float = 1e-6,
     na_cutoff: float = 0.05,
     corr_threshold: float = 0.9,
+    min_variance: float = 1e-6,
     freq_cut: float = 0.05,
     unique_cut: float = 0.01,
     outlier_cutoff: float = 500.0,
@@ -655,6 +659,7 @@ def profile_steps(
             consensus=consensus,
             na_cutoff=na_cutoff,
             corr_threshold=corr_threshold,
+            min_variance=min_variance,
             freq_cut=freq_cut,
             unique_cut=unique_cut,
             outlier_cutoff=outlier_cutoff,
@@ -761,8 +766,14 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spherize-epsilon", type=float, default=1e-6, help="sphering regularization")
     parser.add_argument("--na-cutoff", type=float, default=0.05, help="drop_na_columns: max NaN fraction")
     parser.add_argument("--corr-threshold", type=float, default=0.9, help="correlation_threshold")
-    parser.add_argument("--freq-cut", type=float, default=0.05, help="variance_threshold freq_cut")
-    parser.add_argument("--unique-cut", type=float, default=0.01, help="variance_threshold unique_cut")
+    parser.add_argument(
+        "--min-variance",
+        type=float,
+        default=1e-6,
+        help="variance_threshold: drop features below this variance",
+    )
+    parser.add_argument("--freq-cut", type=float, default=0.05, help="frequency_threshold freq_cut")
+    parser.add_argument("--unique-cut", type=float, default=0.01, help="frequency_threshold unique_cut")
     parser.add_argument("--outlier-cutoff", type=float, default=500.0, help="drop_outliers cutoff")
 
 
@@ -780,6 +791,7 @@ def step_options(args: argparse.Namespace) -> dict:
         spherize_epsilon=args.spherize_epsilon,
         na_cutoff=args.na_cutoff,
         corr_threshold=args.corr_threshold,
+        min_variance=args.min_variance,
         freq_cut=args.freq_cut,
         unique_cut=args.unique_cut,
         outlier_cutoff=args.outlier_cutoff,

@@ -322,7 +322,7 @@ def test_step_defaults_are_the_documented_ones_and_pycytominers():
     theirs = {k: v.default for k, v in inspect.signature(pycytominer.feature_select).parameters.items()}
     schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
     documented = schema["properties"]["profiles"]["properties"]
-    for key in ("na_cutoff", "corr_threshold", "freq_cut", "unique_cut", "outlier_cutoff"):
+    for key in ("na_cutoff", "corr_threshold", "min_variance", "freq_cut", "unique_cut", "outlier_cutoff"):
         assert ours[key] == theirs[key] == documented[key]["default"], key
     ours = {k: v.default for k, v in inspect.signature(profiles.normalize_profiles).parameters.items()}
     theirs = {k: v.default for k, v in inspect.signature(pycytominer.normalize).parameters.items()}
@@ -360,6 +360,28 @@ def test_selection_thresholds_reach_pycytominer():
     )
     assert kept == ["a", "near_a", "other"]
     # (na_cutoff cannot be seen from outside: a feature left with any NaN is dropped after selection)
+
+
+def test_variance_and_frequency_thresholds_use_their_own_keys():
+    # pycytominer 1.7: variance_threshold reads only min_variance; freq_cut/unique_cut belong to
+    # frequency_threshold (they used to be documented here as variance_threshold settings and did nothing).
+    n = 40
+    wells = pd.DataFrame({"Metadata_Plate": ["P1"] * n, "Metadata_Well": [f"W{k}" for k in range(n)]})
+    wells["tiny"] = np.tile([0.0, 0.02], n // 2)  # variance 1e-4 (population; sample 1.03e-4)
+    wells["rare"] = [1.0, 1.0] + [0.0] * (n - 2)  # 2nd/1st most common 2/38 = 0.053; unique 2/40 = 0.05
+    wells["spread"] = np.arange(n, dtype=float)  # variance ~137, 40 unique values
+    features = ["tiny", "rare", "spread"]
+    ops = ["drop_na_columns", "variance_threshold"]
+    assert profiles.select_features(wells, features, ops)[1] == features  # default 1e-6 < 1e-4
+    assert profiles.select_features(wells, features, ops, min_variance=1e-3)[1] == ["rare", "spread"]
+    ops = ["drop_na_columns", "frequency_threshold"]
+    # defaults 0.05 / 0.01: rare's frequency ratio 0.053 is not below 0.05 -> kept
+    assert profiles.select_features(wells, features, ops)[1] == features
+    # pycytominer drops a feature when EITHER ratio is below its cut:
+    # freq_cut 0.1 -> rare (0.053) goes; tiny (20/20 = 1) and spread (1/1) stay
+    assert profiles.select_features(wells, features, ops, freq_cut=0.1)[1] == ["tiny", "spread"]
+    # unique_cut 0.1 -> tiny and rare (2 values / 40 wells = 0.05) go; spread (40/40) stays
+    assert profiles.select_features(wells, features, ops, unique_cut=0.1)[1] == ["spread"]
 
 
 def test_consensus_checks_every_treatment_column():

@@ -36,6 +36,7 @@ rule profiles:
         feature_select=config["profiles"]["feature_select"],
         na_cutoff=config["profiles"]["na_cutoff"],
         corr_threshold=config["profiles"]["corr_threshold"],
+        min_variance=config["profiles"]["min_variance"],
         freq_cut=config["profiles"]["freq_cut"],
         unique_cut=config["profiles"]["unique_cut"],
         outlier_cutoff=config["profiles"]["outlier_cutoff"],
@@ -46,6 +47,7 @@ rule profiles:
         "--normalize-scope {params.scope:q} {params.batch:q} --min-controls-per-plate {params.min_controls:q} "
         "--mad-epsilon {params.mad_epsilon:q} --spherize-method {params.spherize_method:q} "
         "--spherize-epsilon {params.spherize_epsilon:q} --feature-select {params.feature_select:q} "
-        "--na-cutoff {params.na_cutoff:q} --corr-threshold {params.corr_threshold:q} --freq-cut {params.freq_cut:q} "
+        "--na-cutoff {params.na_cutoff:q} --corr-threshold {params.corr_threshold:q} "
+        "--min-variance {params.min_variance:q} --freq-cut {params.freq_cut:q} "
         "--unique-cut {params.unique_cut:q} --outlier-cutoff {params.outlier_cutoff:q} "
         "--consensus {params.consensus:q} > {log:q} 2>&1"
