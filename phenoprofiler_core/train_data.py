@@ -125,8 +125,10 @@ def read_targets(
         raise DataError(f"regression target table {sources}: no numeric feature columns")
     dup = table.duplicated(SITE_KEYS)
     if dup.any():
-        row = table.loc[dup, SITE_KEYS].iloc[0].tolist()
-        raise DataError(f"regression target table {sources}: duplicate site {row} (plate, well, site)")
+        plate, well, site = table.loc[dup, SITE_KEYS].iloc[0].tolist()
+        raise DataError(
+            f"regression target table {sources}: duplicate site plate {plate}, well {well}, site {site}"
+        )
     return table[SITE_KEYS + feature_cols]
 
 

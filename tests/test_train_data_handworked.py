@@ -116,8 +116,8 @@ def test_read_targets_errors_name_the_problem(tmp_path):
     dup = target_table(f1=[1.0, 2.0, 3.0])
     dup.loc[2, ["Metadata_Plate", "Metadata_Site"]] = ["P1", 2]
     dup.to_parquet(path)
-    # (numpy 2 writes the site number as np.int64(2) in the message)
-    with pytest.raises(DataError, match=r"duplicate site \['P1', 'A01', (np\.int64\()?2\)?\]"):
+    # plain numbers in the message (a list of numpy 2 scalars would print np.int64(2))
+    with pytest.raises(DataError, match=r"duplicate site plate P1, well A01, site 2$"):
         read_targets(["P1"], targets=str(path))
 
 
