@@ -42,6 +42,8 @@ import pandas as pd
 from scipy.stats import hypergeom
 
 DEFAULT_RECALL_PERCENTS = (1, 3, 5, 10)
+# FoE counts neighbours above the 99th percentile of a query's similarities: the top 1 % (DESIGN.md §6)
+DEFAULT_FOE_PERCENTILE = 99.0
 
 # ----------------------------------------------------------------------------- inputs
 
@@ -312,7 +314,7 @@ def retrieval_metrics(
     similarity: np.ndarray,
     moa_match: np.ndarray,
     *,
-    percentile: float = 99.0,
+    percentile: float = DEFAULT_FOE_PERCENTILE,
     recall_percents: Sequence[int] = DEFAULT_RECALL_PERCENTS,
     block_rows: int = 512,
 ) -> RetrievalResult:
@@ -367,7 +369,7 @@ def retrieval_metrics_from_profiles(
     moas: Sequence[str],
     *,
     sep: str = "|",
-    percentile: float = 99.0,
+    percentile: float = DEFAULT_FOE_PERCENTILE,
     recall_percents: Sequence[int] = DEFAULT_RECALL_PERCENTS,
     block_rows: int | None = None,
 ) -> RetrievalResult:
@@ -729,7 +731,7 @@ def summarize_retrieval(result: RetrievalResult, *, alpha: float = 0.05) -> dict
 # ----------------------------------------------------------------------------- references
 
 
-def enrichment_reference(similarity, moa_match, percentile: float = 99.0) -> pd.DataFrame:
+def enrichment_reference(similarity, moa_match, percentile: float = DEFAULT_FOE_PERCENTILE) -> pd.DataFrame:
     """Per-query FoE table by a plain loop with ``scipy.stats.fisher_exact`` (the published recipe)."""
     from scipy.stats import fisher_exact
 
