@@ -58,8 +58,8 @@ EVAL_FILES = ("map_activity", "map_consistency", "foe_map_recall")
 NOTES_FILE = "notes.json"
 LEVELS = ("well", "treatment")
 
-ACTIVITY_COLUMNS = list(TREATMENT_COLUMNS) + [
-    "n_wells",
+# copairs' mAP table columns, shared by activity and consistency
+MAP_COLUMNS = [
     "mean_average_precision",
     "mean_normalized_average_precision",
     "p_value",
@@ -68,17 +68,8 @@ ACTIVITY_COLUMNS = list(TREATMENT_COLUMNS) + [
     "below_corrected_p",
     "null",
 ]
-CONSISTENCY_COLUMNS = [
-    "Metadata_moa_label",
-    "n_treatments",
-    "mean_average_precision",
-    "mean_normalized_average_precision",
-    "p_value",
-    "corrected_p_value",
-    "below_p",
-    "below_corrected_p",
-    "null",
-]
+ACTIVITY_COLUMNS = [*TREATMENT_COLUMNS, "n_wells", *MAP_COLUMNS]
+CONSISTENCY_COLUMNS = ["Metadata_moa_label", "n_treatments", *MAP_COLUMNS]
 # Reasons a table is empty (or a metric NaN), shown in the report next to the missing number.
 NOTE_TREATMENT_LEVEL = "treatment-level table: activity needs replicate wells and control wells"
 NOTE_NO_NEGCON = "no negative-control wells to rank replicates against"

@@ -154,7 +154,20 @@ class CacheBound:
         _drop_cached(self.fd, min(upto, self.synced_to))
 
 
-class NpyStreamWriter:
+class _CommitOnSuccess:
+    """``with`` a stream writer: ``close()`` (publish under the final name) on success, ``abort()`` on error."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class NpyStreamWriter(_CommitOnSuccess):
     """Write a (N, ...) array to ``.npy`` batch by batch without holding it in memory.
 
     The file is created under a temporary name beside ``path``: numpy's header, then the rows written
@@ -219,17 +232,8 @@ class NpyStreamWriter:
         with contextlib.suppress(FileNotFoundError):
             self.tmp.unlink()
 
-    def __enter__(self) -> NpyStreamWriter:
-        return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-class ParquetStreamWriter:
+class ParquetStreamWriter(_CommitOnSuccess):
     """Write a table to Parquet chunk by chunk, in row groups of ``row_group_rows`` rows (the last
     one shorter).
 
@@ -298,15 +302,6 @@ class ParquetStreamWriter:
         self.buffered = []
         with contextlib.suppress(FileNotFoundError):
             self.tmp.unlink()
-
-    def __enter__(self) -> ParquetStreamWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 _NPY_HEADER_READERS = {
